@@ -1,0 +1,67 @@
+"""Validation of user input: every error names the argument and what was expected. Nothing here mutates."""
+import numpy as np
+
+from .backend import array_device, as_array, xp_for
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def float_dtype(dtype):
+    """np.dtype for a layer's `dtype` argument; only float32 and float64 are supported."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from None
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be 'float32' or 'float64', got {dt.name}")
+    return dt
+
+
+def positive_int(value, name, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def choice(value, name, options):
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return value
+
+
+def array(a, name, device, dtype, shape=None, ndim=None, finite=True):
+    """`a` as an xp array on `device` with `dtype`, checked for shape (None entries match any size) and NaN/Inf."""
+    if a is None:
+        raise TypeError(f"{name} must be an array, got None")
+    where = array_device(a)
+    if where != device:
+        raise ValueError(f"{name} is on device '{where}' but the parameters are on '{device}'; "
+                         f"move the data or call layer.to('{where}')")
+    a = as_array(a, device, name)
+    if a.dtype != dtype:
+        kind = "integer" if a.dtype.kind in "iub" else a.dtype.name
+        raise TypeError(f"{name} must have dtype {dtype.name}, got {kind} ({a.dtype.name})")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(a.shape)}")
+    if shape is not None:
+        if len(shape) != a.ndim or any(s is not None and s != d for s, d in zip(shape, a.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name} must have shape {want}, got {tuple(a.shape)}")
+    if finite and a.size and not bool(xp_for(device).isfinite(a).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return a
+
+
+def lengths(lengths, batch, steps, device):
+    """`lengths` (B,) as int32 on `device`, each in 1..T; None means every sequence has T steps."""
+    xp = xp_for(device)
+    if lengths is None:
+        return xp.full((batch,), steps, dtype=np.int32), False
+    host = np.asarray(lengths.get() if hasattr(lengths, "get") else lengths)
+    if host.dtype.kind not in "iu":
+        raise TypeError(f"lengths must be integers, got dtype {host.dtype.name}")
+    if host.shape != (batch,):
+        raise ValueError(f"lengths must have shape ({batch},) (one per batch entry), got {host.shape}")
+    if host.min() < 1 or host.max() > steps:
+        raise ValueError(f"lengths must lie in 1..{steps} (T), got min {host.min()} and max {host.max()}")
+    return xp.asarray(host.astype(np.int32)), bool((host < steps).any())

@@ -1,0 +1,283 @@
+"""RNN / LSTM / GRU / JordanRNN: parameters, stacking, directions, lengths and GEMMs around the kernel sweeps.
+
+Layouts follow PyTorch (gate order LSTM i, f, g, o; GRU r, z, n). Shapes: x (T, B, I), y (T, B, D*H),
+h (L*D, B, H) with index layer*D + direction. The per-element math lives in gpurnn.kernels.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import checks
+from .backend import array_module, kernels, resolve
+from .kernels import GATES
+from .module import Module
+
+
+@dataclass
+class LayerCtx:
+    """What `backward` needs from one `forward` call."""
+    owner: object
+    backend: str
+    batch_first: bool
+    shape: tuple            # (T, B) of the call
+    rev_index: object       # (T, B, 1) time gather for the reverse direction, None when every length is T
+    inputs: list            # per layer: its input (T, B, in_l)
+    sweeps: list = field(default_factory=list)   # per layer*D + direction: the kernel ctx
+
+
+def reverse_time(a, rev_index):
+    """a (T, B, F) with each sequence's valid steps reversed in place of time (padded steps stay put)."""
+    xp = array_module(a)
+    if rev_index is None:
+        return xp.ascontiguousarray(a[::-1])
+    return xp.take_along_axis(a, rev_index, axis=0)
+
+
+def reverse_index(lengths, T, xp):
+    """(T, B, 1): step t of sequence b reads time lengths[b]-1-t when valid, t when padded."""
+    t = xp.arange(T, dtype=np.int32)[:, None]
+    return xp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)[:, :, None]
+
+
+class _Recurrent(Module):
+    cell = None
+    sweep = "auto"    # GPU backends: "auto" | "persistent" (one launch for all steps) | "step" (a launch per step)
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 bidirectional=False, dtype="float32", backend="auto", seed=None):
+        super().__init__(dtype, backend, seed)
+        checks.choice(backend, "backend", ("auto", "numpy", "numba", "cupy"))
+        self.input_size = checks.positive_int(input_size, "input_size")
+        self.hidden_size = H = checks.positive_int(hidden_size, "hidden_size")
+        self.num_layers = checks.positive_int(num_layers, "num_layers")
+        self.bias, self.batch_first = bool(bias), bool(batch_first)
+        self.num_directions = 2 if bidirectional else 1
+        G = GATES[self.cell]
+        bound = 1.0 / np.sqrt(H)
+        for layer in range(self.num_layers):
+            in_size = self.input_size if layer == 0 else H * self.num_directions
+            for suffix in self._suffixes(layer):
+                self.add_param(f"weight_ih{suffix}", (G * H, in_size), bound)
+                self.add_param(f"weight_hh{suffix}", (G * H, H), bound)
+                if self.bias:
+                    self.add_param(f"bias_ih{suffix}", (G * H,), bound)
+                    self.add_param(f"bias_hh{suffix}", (G * H,), bound)
+
+    def _suffixes(self, layer):
+        return [f"_l{layer}"] + ([f"_l{layer}_reverse"] if self.num_directions == 2 else [])
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+                f"cell={self.cell!r}, bidirectional={self.num_directions == 2}, dtype={self.dtype.name}, "
+                f"device={self.device!r})")
+
+    def _state_shape(self, batch):
+        return (self.num_layers * self.num_directions, batch, self.hidden_size)
+
+    def _check_state(self, state, batch, name):
+        """`state` as a tuple of (L*D, B, H) arrays (h, or h and c for the LSTM); zeros when None."""
+        shape = self._state_shape(batch)
+        parts = ("h", "c") if self.cell == "lstm" else ("h",)
+        if state is None:
+            return tuple(self.xp.zeros(shape, self.dtype) for _ in parts)
+        if self.cell == "lstm":
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise TypeError(f"{name} for an LSTM must be a tuple (h, c), got {type(state).__name__}")
+        else:
+            state = (state,)
+        return tuple(checks.array(s, f"{name}[{p}]" if len(parts) > 1 else name, self.device, self.dtype, shape)
+                     for s, p in zip(state, parts))
+
+    def _time_major(self, a):
+        return self.xp.ascontiguousarray(a.transpose(1, 0, 2)) if self.batch_first else a
+
+    def forward(self, x, state=None, lengths=None, training=True):
+        """y, state_n, ctx. x: (T, B, I) or (B, T, I) with batch_first; state: h or (h, c), (L*D, B, H)."""
+        xp = self.xp
+        x = checks.array(x, "x", self.device, self.dtype, ndim=3)
+        x = self._time_major(x)
+        T, B, I = x.shape
+        if T == 0 or B == 0:
+            raise ValueError(f"x must have at least one step and one batch entry, got shape {tuple(x.shape)}")
+        if I != self.input_size:
+            raise ValueError(f"x has {I} features but the layer's input_size is {self.input_size}")
+        state0 = self._check_state(state, B, "state")
+        lens, ragged = checks.lengths(lengths, B, T, self.device)
+        name = resolve(self.backend, self.device)
+        K = kernels(name)
+        opts = {} if name == "numpy" else {"sweep": self.sweep}
+        H, D, G = self.hidden_size, self.num_directions, GATES[self.cell]
+        rev_index = reverse_index(lens, T, xp) if (ragged and D == 2) else None
+        ctx = LayerCtx(self, name, self.batch_first, (T, B), rev_index, [])
+        state_n = tuple(xp.empty_like(s) for s in state0)
+        inp = x
+        for layer in range(self.num_layers):
+            ctx.inputs.append(inp)
+            out = xp.empty((T, B, D * H), self.dtype)
+            for d, suffix in enumerate(self._suffixes(layer)):
+                p = self.params
+                xw = xp.matmul(inp.reshape(T * B, -1), p[f"weight_ih{suffix}"].T).reshape(T, B, G * H)
+                if self.bias:
+                    xw += p[f"bias_ih{suffix}"]
+                    b_hh = p[f"bias_hh{suffix}"]
+                else:
+                    b_hh = xp.zeros(G * H, self.dtype)
+                if d == 1:
+                    xw = reverse_time(xw, rev_index)
+                k = layer * D + d
+                y, s_n, kctx = K.forward(self.cell, xw, p[f"weight_hh{suffix}"], b_hh,
+                                         tuple(s[k] for s in state0), lens, training, **opts)
+                out[:, :, d * H:(d + 1) * H] = reverse_time(y, rev_index) if d == 1 else y
+                for dst, src in zip(state_n, s_n):
+                    dst[k] = src
+                ctx.sweeps.append(kctx)
+            inp = out
+        y = self._time_major(inp)
+        h_n = state_n if self.cell == "lstm" else state_n[0]
+        return y, h_n, (ctx if training else None)
+
+    def backward(self, ctx, dy, dstate=None):
+        """dx, dstate0. Accumulates into self.grads. dy like y; dstate like the returned state, or None."""
+        if not isinstance(ctx, LayerCtx):
+            raise TypeError(f"ctx must be the ctx returned by this layer's forward(training=True), "
+                            f"got {type(ctx).__name__}")
+        if ctx.owner is not self:
+            raise ValueError("ctx comes from another layer's forward; pass the ctx this layer returned")
+        xp = self.xp
+        T, B = ctx.shape
+        H, D = self.hidden_size, self.num_directions
+        want = (B, T, D * H) if self.batch_first else (T, B, D * H)
+        dy = self._time_major(checks.array(dy, "dy", self.device, self.dtype, want))
+        dstate_n = self._check_state(dstate, B, "dstate")
+        K = kernels(ctx.backend)
+        p = self.params
+        new_grads = {k: xp.zeros_like(v) for k, v in self.grads.items()}
+        dstate0 = tuple(xp.empty_like(s) for s in dstate_n)
+        dout = dy
+        for layer in reversed(range(self.num_layers)):
+            inp = ctx.inputs[layer]
+            inp2d = inp.reshape(T * B, -1)
+            dinp = xp.zeros(inp2d.shape, self.dtype)
+            for d, suffix in enumerate(self._suffixes(layer)):
+                k = layer * D + d
+                kctx = ctx.sweeps[k]
+                dy_d = xp.ascontiguousarray(dout[:, :, d * H:(d + 1) * H])
+                if d == 1:
+                    dy_d = reverse_time(dy_d, ctx.rev_index)
+                dgx, dgh, ds0 = K.backward(kctx, dy_d, tuple(s[k] for s in dstate_n))
+                for dst, src in zip(dstate0, ds0):
+                    dst[k] = src
+                GH = dgx.shape[2]
+                # W_hh sees h_prev: h0 at step 0, then y[t-1] (kernel time order)
+                gw = new_grads[f"weight_hh{suffix}"]
+                gw += dgh[0].T @ kctx.h0
+                if T > 1:
+                    gw += dgh[1:].reshape(-1, GH).T @ kctx.y[:-1].reshape(-1, H)
+                if d == 1:
+                    dgx = reverse_time(dgx, ctx.rev_index)
+                dgx2d = dgx.reshape(T * B, GH)
+                new_grads[f"weight_ih{suffix}"] += dgx2d.T @ inp2d
+                dinp += dgx2d @ p[f"weight_ih{suffix}"]
+                if self.bias:
+                    new_grads[f"bias_ih{suffix}"] += dgx2d.sum(axis=0)
+                    new_grads[f"bias_hh{suffix}"] += dgh.reshape(T * B, GH).sum(axis=0)
+            dout = dinp.reshape(T, B, -1)
+        for k, g in new_grads.items():
+            self.grads[k] += g
+        dx = self._time_major(dout)
+        return dx, (dstate0 if self.cell == "lstm" else dstate0[0])
+
+
+class RNN(_Recurrent):
+    """Elman network: h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh), act in tanh, relu, sigmoid."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", **kwargs):
+        self.nonlinearity = checks.choice(nonlinearity, "nonlinearity", ("tanh", "relu", "sigmoid"))
+        self.cell = f"rnn_{nonlinearity}"
+        super().__init__(input_size, hidden_size, num_layers, **kwargs)
+
+
+class LSTM(_Recurrent):
+    """LSTM, gates i, f, g, o: c' = f c + i g, h' = o tanh(c')."""
+    cell = "lstm"
+
+
+class GRU(_Recurrent):
+    """GRU, gates r, z, n: n = tanh(x W_in^T + b_in + r (h W_hn^T + b_hn)), h' = (1 - z) n + z h."""
+    cell = "gru"
+
+
+class JordanRNN(Module):
+    """Jordan network: h_t = act(x_t W_ih^T + y_{t-1} W_yh^T + b_h), y_t = out_act(h_t W_hy^T + b_y).
+
+    The state is the previous output y_{t-1}, shape (1, B, O). Parameters: weight_ih (H, I), weight_yh (H, O),
+    bias_h (H,), weight_hy (O, H), bias_y (O,).
+    """
+    num_layers = num_directions = 1
+    batch_first = False
+
+    def __init__(self, input_size, hidden_size, output_size, nonlinearity="tanh", output_nonlinearity="sigmoid",
+                 dtype="float32", backend="auto", seed=None):
+        super().__init__(dtype, backend, seed)
+        checks.choice(backend, "backend", ("auto", "numpy", "numba", "cupy"))
+        self.input_size = checks.positive_int(input_size, "input_size")
+        self.hidden_size = H = checks.positive_int(hidden_size, "hidden_size")
+        self.output_size = O = checks.positive_int(output_size, "output_size")
+        self.nonlinearity = checks.choice(nonlinearity, "nonlinearity", ("tanh", "relu", "sigmoid"))
+        self.output_nonlinearity = checks.choice(output_nonlinearity, "output_nonlinearity",
+                                                 ("tanh", "relu", "sigmoid", "identity"))
+        bh, bo = 1.0 / np.sqrt(H), 1.0 / np.sqrt(O)
+        self.add_param("weight_ih", (H, self.input_size), bh)
+        self.add_param("weight_yh", (H, O), bh)
+        self.add_param("bias_h", (H,), bh)
+        self.add_param("weight_hy", (O, H), bh)
+        self.add_param("bias_y", (O,), bo)
+
+    def __repr__(self):
+        return (f"JordanRNN({self.input_size}, {self.hidden_size}, {self.output_size}, "
+                f"nonlinearity={self.nonlinearity!r}, output_nonlinearity={self.output_nonlinearity!r}, "
+                f"dtype={self.dtype.name}, device={self.device!r})")
+
+    def forward(self, x, state=None, lengths=None, training=True):
+        """y (T, B, O), state_n (1, B, O), ctx. `state` is y_{-1} (1, B, O), zeros when None."""
+        xp, p = self.xp, self.params
+        x = checks.array(x, "x", self.device, self.dtype, ndim=3)
+        T, B, I = x.shape
+        if T == 0 or B == 0:
+            raise ValueError(f"x must have at least one step and one batch entry, got shape {tuple(x.shape)}")
+        if I != self.input_size:
+            raise ValueError(f"x has {I} features but the layer's input_size is {self.input_size}")
+        shape = (1, B, self.output_size)
+        y0 = xp.zeros(shape, self.dtype) if state is None else checks.array(state, "state", self.device,
+                                                                               self.dtype, shape)
+        lens, _ = checks.lengths(lengths, B, T, self.device)
+        name = resolve(self.backend, self.device)
+        xw = xp.matmul(x.reshape(T * B, I), p["weight_ih"].T).reshape(T, B, -1) + p["bias_h"]
+        y, y_n, kctx = kernels(name).jordan_forward(xw, p["weight_yh"], p["weight_hy"], p["bias_y"], y0[0], lens,
+                                                    self.nonlinearity, self.output_nonlinearity, training)
+        ctx = LayerCtx(self, name, False, (T, B), None, [x], [kctx]) if training else None
+        return y, y_n[None], ctx
+
+    def backward(self, ctx, dy, dstate=None):
+        """dx (T, B, I), dstate0 (1, B, O). Accumulates into self.grads."""
+        if not isinstance(ctx, LayerCtx):
+            raise TypeError(f"ctx must be the ctx returned by this layer's forward(training=True), "
+                            f"got {type(ctx).__name__}")
+        if ctx.owner is not self:
+            raise ValueError("ctx comes from another layer's forward; pass the ctx this layer returned")
+        xp, p = self.xp, self.params
+        T, B = ctx.shape
+        O, H = self.output_size, self.hidden_size
+        dy = checks.array(dy, "dy", self.device, self.dtype, (T, B, O))
+        dy_n = (xp.zeros((B, O), self.dtype) if dstate is None
+                else checks.array(dstate, "dstate", self.device, self.dtype, (1, B, O))[0])
+        x, kctx = ctx.inputs[0], ctx.sweeps[0]
+        dph, dpy, dy0 = kernels(ctx.backend).jordan_backward(kctx, dy, dy_n)
+        dph2d, dpy2d = dph.reshape(T * B, H), dpy.reshape(T * B, O)
+        y_prev = xp.concatenate([kctx.y0[None], kctx.y[:-1]], axis=0).reshape(T * B, O)
+        self.grads["weight_ih"] += dph2d.T @ x.reshape(T * B, -1)
+        self.grads["weight_yh"] += dph2d.T @ y_prev
+        self.grads["bias_h"] += dph2d.sum(axis=0)
+        self.grads["weight_hy"] += dpy2d.T @ kctx.h.reshape(T * B, H)
+        self.grads["bias_y"] += dpy2d.sum(axis=0)
+        return (dph2d @ p["weight_ih"]).reshape(T, B, -1), dy0[None]
