@@ -1,0 +1,256 @@
+"""Linear, Embedding and the losses (softmax cross-entropy, MSE, BCE with logits): forward/ctx/backward, no autograd.
+
+Each `forward` returns its result and a ctx; `backward(ctx, d...)` returns the gradient for the input and, for the
+modules, adds the parameter gradients into `grads`. Losses return a Python float and need no parameters.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import checks
+from .backend import array_device, array_module, as_array
+from .module import Module
+
+
+@dataclass
+class SavedCtx:
+    """What one `forward` call leaves for its `backward`."""
+    owner: object
+    saved: tuple
+
+
+def check_ctx(ctx, owner):
+    if not isinstance(ctx, SavedCtx):
+        raise TypeError(f"ctx must be the ctx returned by {type(owner).__name__}.forward, got {type(ctx).__name__}")
+    if ctx.owner is not owner:
+        raise ValueError(f"ctx comes from another {type(owner).__name__}'s forward; pass the ctx this one returned")
+    return ctx.saved
+
+
+def float_input(a, name, device=None, shape=None):
+    """`a` as a float32/float64 array (on `device` when given), checked for shape and NaN/Inf."""
+    if a is None:
+        raise TypeError(f"{name} must be an array, got None")
+    where = array_device(a)
+    a = as_array(a, where, name)
+    if a.dtype not in checks.FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype.name}")
+    return checks.array(a, name, device or where, a.dtype, shape)
+
+
+def integer_input(a, name, device):
+    """`a` as an integer array on `device` (any shape)."""
+    if a is None:
+        raise TypeError(f"{name} must be an integer array, got None")
+    where = array_device(a)
+    if where != device:
+        raise ValueError(f"{name} is on device '{where}' but must be on '{device}'")
+    a = as_array(a, device, name)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer indices, got dtype {a.dtype.name}")
+    return a
+
+
+def scatter_add(target, index, values):
+    """target[index[n]] += values[n] for n in order, repeated indices summed. target (V, E), index (N,), values (N, E)."""
+    xp = array_module(target)
+    if xp is np:
+        np.add.at(target, index, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(target, index, values)
+
+
+class Linear(Module):
+    """y = x W^T + b.  weight (O, I), bias (O,), both U(-1/sqrt(I), 1/sqrt(I))."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype="float32", seed=None):
+        super().__init__(dtype, "auto", seed)
+        self.in_features = checks.positive_int(in_features, "in_features")
+        self.out_features = checks.positive_int(out_features, "out_features")
+        bound = 1.0 / np.sqrt(self.in_features)
+        self.add_param("weight", (self.out_features, self.in_features), bound)
+        if bias:
+            self.add_param("bias", (self.out_features,), bound)
+
+    def __repr__(self):
+        return (f"Linear({self.in_features}, {self.out_features}, bias={'bias' in self.params}, "
+                f"dtype={self.dtype.name}, device={self.device!r})")
+
+    def forward(self, x):
+        """y (..., O), ctx. x: (..., I)."""
+        x = checks.array(x, "x", self.device, self.dtype)
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., {self.in_features}) (in_features last), got {tuple(x.shape)}")
+        y = x.reshape(-1, self.in_features) @ self.params["weight"].T       # (N, O)
+        if "bias" in self.params:
+            y += self.params["bias"]
+        return y.reshape(x.shape[:-1] + (self.out_features,)), SavedCtx(self, (x,))
+
+    def backward(self, ctx, dy):
+        """dx (..., I). dy: (..., O). Adds dW = dy^T x and db = sum dy into grads."""
+        (x,) = check_ctx(ctx, self)
+        dy = checks.array(dy, "dy", self.device, self.dtype, x.shape[:-1] + (self.out_features,))
+        dy2d, x2d = dy.reshape(-1, self.out_features), x.reshape(-1, self.in_features)   # (N, O), (N, I)
+        self.grads["weight"] += dy2d.T @ x2d
+        if "bias" in self.params:
+            self.grads["bias"] += dy2d.sum(axis=0)
+        return (dy2d @ self.params["weight"]).reshape(x.shape)
+
+
+class Embedding(Module):
+    """y = weight[ids].  weight (V, E) ~ N(0, 1); the row `padding_idx` is zero and takes no gradient."""
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, dtype="float32", seed=None):
+        super().__init__(dtype, "auto", seed)
+        V = self.num_embeddings = checks.positive_int(num_embeddings, "num_embeddings")
+        E = self.embedding_dim = checks.positive_int(embedding_dim, "embedding_dim")
+        if padding_idx is not None:
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)) \
+                    or not -V <= padding_idx < V:
+                raise ValueError(f"padding_idx must be an integer in -{V}..{V - 1} or None, got {padding_idx!r}")
+            padding_idx = int(padding_idx) % V
+        self.padding_idx = padding_idx
+        self.params["weight"] = self.rng.standard_normal((V, E)).astype(self.dtype)
+        if padding_idx is not None:
+            self.params["weight"][padding_idx] = 0
+        self.grads["weight"] = np.zeros((V, E), self.dtype)
+
+    def __repr__(self):
+        return (f"Embedding({self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
+                f"dtype={self.dtype.name}, device={self.device!r})")
+
+    def forward(self, ids):
+        """y (..., E), ctx. ids: integer array of any shape, each in 0..V-1."""
+        ids = integer_input(ids, "ids", self.device)
+        bad = (ids < 0) | (ids >= self.num_embeddings)
+        if bool(bad.any()):
+            values = sorted({int(v) for v in ids[bad].ravel()[:5].tolist()})
+            raise ValueError(f"ids must lie in 0..{self.num_embeddings - 1} (num_embeddings), "
+                             f"got out-of-range ids {values}")
+        return self.params["weight"][ids], SavedCtx(self, (ids,))
+
+    def backward(self, ctx, dy):
+        """None (ids take no gradient). dy: (..., E). Adds dW[v] = sum of dy over the positions holding id v."""
+        (ids,) = check_ctx(ctx, self)
+        dy = checks.array(dy, "dy", self.device, self.dtype, ids.shape + (self.embedding_dim,))
+        flat = ids.reshape(-1)                                   # (N,)
+        dy2d = dy.reshape(-1, self.embedding_dim)                # (N, E)
+        if self.padding_idx is not None:
+            dy2d = self.xp.where((flat == self.padding_idx)[:, None], 0, dy2d).astype(self.dtype, copy=False)
+        scatter_add(self.grads["weight"], flat, dy2d)
+        return None
+
+
+class Loss:
+    """Shared by the losses: `reduction` and backward = the gradient worked out in forward, times dloss."""
+
+    def __init__(self, reduction="mean"):
+        self.reduction = checks.choice(reduction, "reduction", ("mean", "sum"))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(reduction={self.reduction!r})"
+
+    def backward(self, ctx, dloss=1.0):
+        """dL/dpred, shaped like pred, for an upstream gradient `dloss` (a number) on the loss."""
+        (dpred,) = check_ctx(ctx, self)
+        try:
+            dloss = float(dloss)
+        except (TypeError, ValueError):
+            raise TypeError(f"dloss must be a number, got {type(dloss).__name__}") from None
+        if not np.isfinite(dloss):
+            raise ValueError(f"dloss must be finite, got {dloss}")
+        return dpred * dloss
+
+
+class SoftmaxCrossEntropy(Loss):
+    """-log softmax(pred)[target], averaged over the targets that are not `ignore_index` (or summed).
+
+    pred: (..., C) logits; target: (...) integer classes in 0..C-1 or ignore_index.
+    With every target ignored the loss is 0 and its gradient is zero.
+    """
+
+    def __init__(self, ignore_index=-100, reduction="mean"):
+        super().__init__(reduction)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+            raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
+        self.ignore_index = int(ignore_index)
+
+    def __repr__(self):
+        return f"SoftmaxCrossEntropy(ignore_index={self.ignore_index}, reduction={self.reduction!r})"
+
+    def forward(self, pred, target):
+        """loss (float), ctx."""
+        pred = float_input(pred, "pred")
+        if pred.ndim == 0 or pred.shape[-1] == 0:
+            raise ValueError(f"pred must have shape (..., C) with C >= 1 classes, got {tuple(pred.shape)}")
+        target = integer_input(target, "target", array_device(pred))
+        if tuple(target.shape) != tuple(pred.shape[:-1]):
+            raise ValueError(f"target must have shape {tuple(pred.shape[:-1])} (pred's without the class axis), "
+                             f"got {tuple(target.shape)}")
+        xp = array_module(pred)
+        C = pred.shape[-1]
+        z = pred.reshape(-1, C)                                       # (N, C)
+        t = target.reshape(-1)                                        # (N,)
+        keep = t != self.ignore_index                                 # (N,)
+        bad = keep & ((t < 0) | (t >= C))
+        if bool(bad.any()):
+            values = sorted({int(v) for v in t[bad][:5].tolist()})
+            raise ValueError(f"target must hold classes in 0..{C - 1} or ignore_index={self.ignore_index}, "
+                             f"got {values}")
+        rows = xp.arange(z.shape[0])
+        t_safe = xp.where(keep, t, 0)
+        # log softmax(z)_c = z_c - lse,  lse = m + log sum exp(z - m),  m = max z (no overflow)
+        shifted = z - z.max(axis=1, keepdims=True)                     # (N, C)
+        lse = xp.log(xp.exp(shifted).sum(axis=1))                      # (N,)
+        losses = xp.where(keep, lse - shifted[rows, t_safe], 0)        # (N,)
+        count = int(keep.sum())
+        scale = 1.0 / count if (self.reduction == "mean" and count) else 1.0
+        # dL/dz_c = scale * (softmax_c - [c == t]) at kept rows, 0 at ignored ones
+        dz = xp.exp(shifted - lse[:, None])
+        dz[rows, t_safe] -= 1
+        dz *= (keep * scale).astype(z.dtype)[:, None]
+        return float(losses.sum()) * scale, SavedCtx(self, (dz.reshape(pred.shape),))
+
+
+class ElementwiseLoss(Loss):
+    """A loss that is a sum (or mean) over elements of f(pred, target); pred and target share one shape."""
+
+    def forward(self, pred, target):
+        """loss (float), ctx. pred: any shape, float; target: same shape, real numbers (cast to pred's dtype)."""
+        pred = float_input(pred, "pred")
+        if pred.size == 0:
+            raise ValueError("pred must have at least one element")
+        device = array_device(pred)
+        if target is not None and array_device(target) == device:
+            target = as_array(target, device, "target")
+            if target.dtype.kind not in "biuf":
+                raise TypeError(f"target must hold real numbers, got dtype {target.dtype.name}")
+            target = target.astype(pred.dtype, copy=False)
+        target = checks.array(target, "target", device, pred.dtype, tuple(pred.shape))
+        scale = 1.0 / pred.size if self.reduction == "mean" else 1.0
+        losses, dpred = self.elementwise(pred, target)
+        return float(losses.sum()) * scale, SavedCtx(self, (dpred * scale,))
+
+
+class MSELoss(ElementwiseLoss):
+    """(pred - target)^2, averaged over elements (or summed)."""
+
+    @staticmethod
+    def elementwise(x, y):
+        diff = x - y
+        return diff * diff, 2 * diff                                   # d/dx (x - y)^2 = 2 (x - y)
+
+
+class BCEWithLogitsLoss(ElementwiseLoss):
+    """Binary cross-entropy of sigmoid(pred) against target in [0, 1], averaged over elements (or summed).
+
+    -[y log s(x) + (1 - y) log(1 - s(x))] = max(x, 0) - x y + log(1 + e^-|x|), finite for every x.
+    """
+
+    @staticmethod
+    def elementwise(x, y):
+        xp = array_module(x)
+        losses = xp.maximum(x, 0) - x * y + xp.log1p(xp.exp(-xp.abs(x)))
+        # d/dx = s(x) - y,  s(x) = (1 + tanh(x/2)) / 2 without overflow
+        return losses, 0.5 * (1 + xp.tanh(0.5 * x)) - y

@@ -1,0 +1,78 @@
+"""Every gradient of the float64 reference (params, x, initial state) against central finite differences."""
+import numpy as np
+import pytest
+
+import gpurnn
+from util import CELLS, make_layer, random_problem
+
+EPS = 1e-6
+
+
+def pairing(y, state_n, dy, dstate):
+    """The scalar L = <y, dy> + <state_n, dstate> whose gradients backward(ctx, dy, dstate) returns."""
+    states = state_n if isinstance(state_n, tuple) else (state_n,)
+    dstates = dstate if isinstance(dstate, tuple) else (dstate,)
+    return float((y * dy).sum() + sum((s * d).sum() for s, d in zip(states, dstates)))
+
+
+def numeric_grad(loss, arr):
+    """Central differences of loss() with respect to every entry of arr (perturbed in place)."""
+    grad = np.zeros_like(arr)
+    for idx in np.ndindex(arr.shape):
+        keep = arr[idx]
+        arr[idx] = keep + EPS
+        up = loss()
+        arr[idx] = keep - EPS
+        down = loss()
+        arr[idx] = keep
+        grad[idx] = (up - down) / (2 * EPS)
+    return grad
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_recurrent_gradients(cell, num_layers, bidirectional, ragged, batch_first):
+    rng = np.random.default_rng(7)
+    layer = make_layer(cell, 3, 2, num_layers=num_layers, bidirectional=bidirectional,
+                       batch_first=batch_first, dtype="float64", seed=3)
+    x, state, lengths, dy, dstate = random_problem(layer, T=4, B=3, rng=rng, ragged=ragged)
+
+    def loss():
+        y, s_n, _ = layer.forward(x, state, lengths, training=False)
+        return pairing(y, s_n, dy, dstate)
+
+    _, _, ctx = layer.forward(x, state, lengths)
+    dx, dstate0 = layer.backward(ctx, dy, dstate)
+    for name, p in layer.params.items():
+        np.testing.assert_allclose(layer.grads[name], numeric_grad(loss, p), rtol=1e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=1e-5, atol=1e-7, err_msg="x")
+    for i, (s, ds) in enumerate(zip(*(v if isinstance(v, tuple) else (v,) for v in (state, dstate0)))):
+        np.testing.assert_allclose(ds, numeric_grad(loss, s), rtol=1e-5, atol=1e-7, err_msg=f"state[{i}]")
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu", "sigmoid"])
+@pytest.mark.parametrize("output_nonlinearity", ["sigmoid", "tanh", "identity"])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_jordan_gradients(nonlinearity, output_nonlinearity, ragged):
+    rng = np.random.default_rng(11)
+    layer = gpurnn.JordanRNN(3, 4, 2, nonlinearity=nonlinearity, output_nonlinearity=output_nonlinearity,
+                             dtype="float64", seed=5)
+    T, B = 5, 3
+    x = rng.standard_normal((T, B, 3))
+    y0 = rng.standard_normal((1, B, 2))
+    lengths = np.array([T, 2, 4]) if ragged else None
+    dy, dy_n = rng.standard_normal((T, B, 2)), rng.standard_normal((1, B, 2))
+
+    def loss():
+        y, y_n, _ = layer.forward(x, y0, lengths, training=False)
+        return pairing(y, y_n, dy, dy_n)
+
+    _, _, ctx = layer.forward(x, y0, lengths)
+    dx, dy0 = layer.backward(ctx, dy, dy_n)
+    for name, p in layer.params.items():
+        np.testing.assert_allclose(layer.grads[name], numeric_grad(loss, p), rtol=1e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dy0, numeric_grad(loss, y0), rtol=1e-5, atol=1e-7)

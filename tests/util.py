@@ -1,0 +1,52 @@
+"""Helpers shared by the tests: backends present, device moves, the float64 reference run."""
+import numpy as np
+
+from gpurnn import backend as _backend
+
+BACKENDS = ["numpy"] + (["numba", "cupy"] if _backend.gpu_available() else [])
+
+
+def device_of(backend):
+    return "cpu" if backend == "numpy" else "cuda"
+
+
+def to_device(a, backend):
+    """A NumPy array (or tuple of them) on the backend's device."""
+    if isinstance(a, tuple):
+        return tuple(to_device(x, backend) for x in a)
+    return a if a is None or device_of(backend) == "cpu" else _backend.xp_for("cuda").asarray(a)
+
+
+def to_numpy(a):
+    if isinstance(a, tuple):
+        return tuple(to_numpy(x) for x in a)
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+CELLS = ("rnn_tanh", "rnn_relu", "rnn_sigmoid", "lstm", "gru")
+
+
+def make_layer(cell, input_size, hidden_size, **kwargs):
+    """The gpurnn layer for a cell name ("rnn_tanh", ..., "lstm", "gru")."""
+    import gpurnn
+    if cell.startswith("rnn_"):
+        return gpurnn.RNN(input_size, hidden_size, nonlinearity=cell[4:], **kwargs)
+    return {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU}[cell](input_size, hidden_size, **kwargs)
+
+
+def random_problem(layer, T, B, rng, ragged=False):
+    """x, state0, lengths, dy, dstate for a layer: random data in the layer's dtype (lengths None unless ragged)."""
+    D, L, H = layer.num_directions, layer.num_layers, layer.hidden_size
+    dt = layer.dtype
+    x = rng.standard_normal((B, T, layer.input_size) if layer.batch_first else (T, B, layer.input_size)).astype(dt)
+    shape = (L * D, B, H)
+    lstm = layer.cell == "lstm"
+    state = tuple(rng.standard_normal(shape).astype(dt) for _ in range(2 if lstm else 1))
+    dstate = tuple(rng.standard_normal(shape).astype(dt) for _ in range(2 if lstm else 1))
+    lengths = rng.integers(1, T + 1, size=B) if ragged else None
+    if ragged:
+        lengths[0] = T
+    y_shape = (B, T, D * H) if layer.batch_first else (T, B, D * H)
+    dy = rng.standard_normal(y_shape).astype(dt)
+    unpack = (lambda s: s) if lstm else (lambda s: s[0])
+    return x, unpack(state), lengths, dy, unpack(dstate)
