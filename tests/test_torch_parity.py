@@ -49,6 +49,20 @@ def assert_close_tree(actual, expected, rtol, atol, what):
         np.testing.assert_allclose(to_numpy(actual), expected, rtol=rtol, atol=atol, err_msg=what)
 
 
+def check_against_torch(layer, backend, problem, rtol, atol):
+    """Run layer on problem = (x, state, lengths, dy, dstate) on backend; compare everything with torch."""
+    x, state, lengths, dy, dstate = problem
+    y_ref, sn_ref, dx_ref, ds_ref, g_ref = torch_run(torch_twin(layer), x, state, lengths, dy, dstate)
+    if backend != "numpy":
+        layer.to("cuda")
+    y, state_n, ctx = layer.forward(to_device(x, backend), to_device(state, backend), lengths)
+    dx, dstate0 = layer.backward(ctx, to_device(dy, backend), to_device(dstate, backend))
+    assert sorted(layer.grads) == sorted(g_ref)
+    for what, got, want in [("y", y, y_ref), ("state_n", state_n, sn_ref), ("dx", dx, dx_ref),
+                            ("dstate0", dstate0, ds_ref)] + [(k, layer.grads[k], g) for k, g in g_ref.items()]:
+        assert_close_tree(got, want, rtol, atol, what)
+
+
 @pytest.mark.parametrize("cell", [c for c in CELLS if c != "rnn_sigmoid"])
 @pytest.mark.parametrize("num_layers", [1, 3])
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -60,20 +74,16 @@ def test_matches_torch(backend, cell, num_layers, bidirectional, ragged, batch_f
     rng = np.random.default_rng(num_layers * 4 + bidirectional * 2 + ragged)
     layer = make_layer(cell, 5, 7, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first,
                        bias=bias, dtype=dtype, backend=backend, seed=2)
-    x, state, lengths, dy, dstate = random_problem(layer, T=6, B=4, rng=rng, ragged=ragged)
-    y_ref, sn_ref, dx_ref, ds_ref, g_ref = torch_run(torch_twin(layer), x, state, lengths, dy, dstate)
-    if backend != "numpy":
-        layer.to("cuda")
-    y, state_n, ctx = layer.forward(to_device(x, backend), to_device(state, backend), lengths)
-    dx, dstate0 = layer.backward(ctx, to_device(dy, backend), to_device(dstate, backend))
-    rtol, atol = (1e-10, 1e-12) if dtype == "float64" else (2e-4, 2e-5)
-    assert_close_tree(y, y_ref, rtol, atol, "y")
-    assert_close_tree(state_n, sn_ref, rtol, atol, "state_n")
-    assert_close_tree(dx, dx_ref, rtol, atol, "dx")
-    assert_close_tree(dstate0, ds_ref, rtol, atol, "dstate0")
-    assert sorted(layer.grads) == sorted(g_ref)
-    for k, g in g_ref.items():
-        assert_close_tree(layer.grads[k], g, rtol, atol, k)
+    problem = random_problem(layer, T=6, B=4, rng=rng, ragged=ragged)
+    check_against_torch(layer, backend, problem, *((1e-10, 1e-12) if dtype == "float64" else (2e-4, 2e-5)))
+
+
+@pytest.mark.parametrize("cell", [c for c in CELLS if c != "rnn_sigmoid"])
+@pytest.mark.parametrize("T, B, I, H", [(1, 1, 1, 1), (1, 3, 2, 5), (9, 1, 3, 33), (4, 17, 8, 13)])
+def test_matches_torch_odd_sizes(backend, cell, T, B, I, H):
+    layer = make_layer(cell, I, H, num_layers=2, bidirectional=True, dtype="float64", backend=backend, seed=9)
+    problem = random_problem(layer, T, B, np.random.default_rng(T * B + H), ragged=True)
+    check_against_torch(layer, backend, problem, 1e-10, 1e-12)
 
 
 def test_weights_load_both_ways():
