@@ -1,0 +1,361 @@
+"""The @cuda.jit kernels of the numba backend, built once per float dtype by `build(dtype)`.
+
+Literal constants are cast to the array dtype (`F(1)`), so float32 kernels never promote to float64.
+Codes passed as kernel arguments: `cell` ELMAN | LSTM | GRU, `act` TANH | RELU | SIGMOID | IDENTITY.
+Layout: every (B, G*H) row holds gate g of hidden unit j at g*H + j; one thread serves one (b, j) with
+idx = b*H + j, so consecutive threads touch consecutive addresses in every gate slice (coalesced).
+Padded steps (t >= lengths[b]) output 0, keep the state, and their gradient rows stay 0.
+"""
+import functools
+import math
+from types import SimpleNamespace
+
+import numpy as np
+from numba import cuda
+
+ELMAN, LSTM, GRU = 0, 1, 2
+TANH, RELU, SIGMOID, IDENTITY = 0, 1, 2, 3
+CELL_CODES = {"rnn_tanh": ELMAN, "rnn_relu": ELMAN, "rnn_sigmoid": ELMAN, "lstm": LSTM, "gru": GRU}
+ACT_CODES = {"tanh": TANH, "relu": RELU, "sigmoid": SIGMOID, "identity": IDENTITY}
+
+
+@functools.lru_cache(maxsize=None)
+def build(dtype):
+    """SimpleNamespace of kernels for float dtype `dtype` (np.float32 or np.float64)."""
+    F = np.dtype(dtype).type
+
+    @cuda.jit(device=True)
+    def sigmoid(x):
+        # 1 / (1 + e^-x) without overflow for large |x|
+        return F(0.5) * (F(1) + math.tanh(F(0.5) * x))
+
+    @cuda.jit(device=True)
+    def activate(act, x):
+        if act == TANH:
+            return math.tanh(x)
+        if act == RELU:
+            return max(x, F(0))
+        if act == SIGMOID:
+            return sigmoid(x)
+        return x
+
+    @cuda.jit(device=True)
+    def activate_grad(act, y):
+        """d act / d pre-activation from the output y: tanh' = 1 - y^2, sigmoid' = y (1 - y), relu' = [y > 0]."""
+        if act == TANH:
+            return F(1) - y * y
+        if act == SIGMOID:
+            return y * (F(1) - y)
+        if act == RELU:
+            return F(1) if y > F(0) else F(0)
+        return F(1)
+
+    @cuda.jit(device=True)
+    def unit_forward(cell, act, t, b, j, valid, xw, b_hh, r0, r1, r2, r3, h_prev, c, y, gates, cs, hns):
+        """One step of hidden unit (b, j); returns the state h after step t.
+
+        r0..r3: (h_prev @ W_hh.T)[b, g*H + j] for gate g (no bias); unused gates pass 0
+        xw: (T, B, G*H)  b_hh: (G*H,)  h_prev: the scalar h[b, j] before the step
+        c: (B, H) LSTM cell state, updated in place  y: (T, B, H)
+        gates: (T, B, G*H) activated gates (Elman: y itself)  cs: (T, B, H) LSTM c after each step
+        hns: (T, B, H) GRU h_prev @ W_hn.T + b_hn
+        """
+        H = y.shape[2]
+        if cell == LSTM:
+            i = sigmoid(xw[t, b, j] + r0 + b_hh[j])
+            f = sigmoid(xw[t, b, H + j] + r1 + b_hh[H + j])
+            g = math.tanh(xw[t, b, 2 * H + j] + r2 + b_hh[2 * H + j])
+            o = sigmoid(xw[t, b, 3 * H + j] + r3 + b_hh[3 * H + j])
+            c_new = f * c[b, j] + i * g
+            h_new = o * math.tanh(c_new)
+            gates[t, b, j] = i
+            gates[t, b, H + j] = f
+            gates[t, b, 2 * H + j] = g
+            gates[t, b, 3 * H + j] = o
+            if valid:
+                c[b, j] = c_new
+            cs[t, b, j] = c[b, j]
+        elif cell == GRU:
+            hn = r2 + b_hh[2 * H + j]
+            r = sigmoid(xw[t, b, j] + r0 + b_hh[j])
+            z = sigmoid(xw[t, b, H + j] + r1 + b_hh[H + j])
+            n = math.tanh(xw[t, b, 2 * H + j] + r * hn)
+            h_new = (F(1) - z) * n + z * h_prev
+            gates[t, b, j] = r
+            gates[t, b, H + j] = z
+            gates[t, b, 2 * H + j] = n
+            hns[t, b, j] = hn
+        else:
+            h_new = activate(act, xw[t, b, j] + r0 + b_hh[j])
+            gates[t, b, j] = h_new
+        y[t, b, j] = h_new if valid else F(0)
+        return h_new if valid else h_prev
+
+    @cuda.jit(device=True)
+    def unit_backward(cell, act, t, b, j, valid, dh_in, dy, y, h0, gates, cs, c0, hns, dc, dgx, dgh):
+        """Backward of step t for hidden unit (b, j); returns the part of dL/dh_{t-1} not routed through W_hh.
+
+        dh_in: dL/dh_t from later steps (carried part + (dG_{t+1} @ W_hh)[b, j])
+        dy: (T, B, H)  y: (T, B, H)  h0, c0: (B, H)  gates, dgx, dgh: (T, B, G*H)  cs, hns: (T, B, H)
+        dc: (B, H) LSTM dL/dc carried backwards, updated in place
+        Padded steps leave dgx, dgh at 0 (the caller allocates them zeroed) and pass dh, dc through.
+        """
+        if not valid:
+            return dh_in
+        H = y.shape[2]
+        dh = dh_in + dy[t, b, j]
+        if cell == LSTM:
+            i = gates[t, b, j]
+            f = gates[t, b, H + j]
+            g = gates[t, b, 2 * H + j]
+            o = gates[t, b, 3 * H + j]
+            c_prev = cs[t - 1, b, j] if t > 0 else c0[b, j]
+            tc = math.tanh(cs[t, b, j])
+            # h = o tanh(c):  d(o_pre) = dh tanh(c) o (1 - o);  dc += dh o (1 - tanh^2 c)
+            dct = dc[b, j] + dh * o * (F(1) - tc * tc)
+            # c = f c_prev + i g:  di = dc g,  df = dc c_prev,  dg = dc i,  dc_prev = dc f
+            dgx[t, b, j] = dct * g * i * (F(1) - i)
+            dgx[t, b, H + j] = dct * c_prev * f * (F(1) - f)
+            dgx[t, b, 2 * H + j] = dct * i * (F(1) - g * g)
+            dgx[t, b, 3 * H + j] = dh * tc * o * (F(1) - o)
+            dc[b, j] = dct * f
+            return F(0)
+        if cell == GRU:
+            r = gates[t, b, j]
+            z = gates[t, b, H + j]
+            n = gates[t, b, 2 * H + j]
+            h_prev = y[t - 1, b, j] if t > 0 else h0[b, j]
+            # h = (1 - z) n + z h_prev:  dn = dh (1 - z),  dz = dh (h_prev - n),  dh_prev gets dh z directly
+            dn = dh * (F(1) - z) * (F(1) - n * n)
+            dz = dh * (h_prev - n) * z * (F(1) - z)
+            # n = tanh(xn + r hn):  dr = dn_pre hn,  d(hn) = dn_pre r  (hn = h_prev W_hn^T + b_hn)
+            dr = dn * hns[t, b, j] * r * (F(1) - r)
+            dgx[t, b, j] = dr
+            dgx[t, b, H + j] = dz
+            dgx[t, b, 2 * H + j] = dn
+            dgh[t, b, j] = dr
+            dgh[t, b, H + j] = dz
+            dgh[t, b, 2 * H + j] = dn * r
+            return dh * z
+        # h = act(p):  dp = dh act'(p), written from h = y[t]
+        dgx[t, b, j] = dh * activate_grad(act, y[t, b, j])
+        return F(0)
+
+    @cuda.jit
+    def step_forward(cell, act, t, xw, gh, b_hh, lengths, h, c, y, gates, cs, hns):
+        """Step t for every (b, j). gh: (B, G*H) h @ W_hh.T, computed by the GEMM before this launch;
+        h: (B, H) state, updated in place; lengths: (B,) int32; other arguments as in unit_forward."""
+        B, H = h.shape
+        idx = cuda.grid(1)
+        if idx >= B * H:
+            return
+        b = idx // H
+        j = idx - b * H
+        G = gh.shape[1] // H
+        r1 = gh[b, H + j] if G > 1 else F(0)
+        r2 = gh[b, 2 * H + j] if G > 2 else F(0)
+        r3 = gh[b, 3 * H + j] if G > 3 else F(0)
+        h[b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], xw, b_hh, gh[b, j], r1, r2, r3, h[b, j],
+                               c, y, gates, cs, hns)
+
+    @cuda.jit
+    def step_backward(cell, act, t, dhg, dh, dy, y, h0, gates, cs, c0, hns, lengths, dc, dgx, dgh):
+        """Pointwise backward of step t. dhg: (B, H) dG_{t+1} @ W_hh from the GEMM after step t+1 (0 at t = T-1);
+        dh: (B, H) the carried part of dL/dh, updated in place; other arguments as in unit_backward."""
+        B, H = dh.shape
+        idx = cuda.grid(1)
+        if idx >= B * H:
+            return
+        b = idx // H
+        j = idx - b * H
+        dh[b, j] = unit_backward(cell, act, t, b, j, t < lengths[b], dh[b, j] + dhg[b, j], dy, y, h0, gates,
+                                 cs, c0, hns, dc, dgx, dgh)
+
+    @cuda.jit
+    def persistent_forward(cell, act, xw, w_hh, b_hh, lengths, hbuf, c, y, gates, cs, hns):
+        """All T steps in one cooperative launch.
+
+        hbuf: (2, B, H) h double buffer: step t reads hbuf[t % 2] (written by every block) and writes
+        hbuf[(t + 1) % 2]; hbuf[0] holds h0 on entry and hbuf[T % 2] is h_n on exit. w_hh: (G*H, H).
+        Block k owns hidden units j0 .. j0+nj-1 (hs = ceil(H / gridDim.x)) and keeps their G*nj rows of
+        W_hh in dynamic shared memory, transposed: w_sh[(g*H + k)*nj + jj] = w_hh[g*H + j0 + jj, k], so the
+        threads of a warp (consecutive jj) read consecutive banks. Shared memory after w_sh: 4 partial sums per
+        thread. When the block has more threads than (b, jj) items, `lanes` threads split each dot product
+        over k and add their partial sums through shared memory. One grid.sync() per step.
+        """
+        T = xw.shape[0]
+        B, H = hbuf.shape[1], hbuf.shape[2]
+        G = w_hh.shape[0] // H
+        hs = (H + cuda.gridDim.x - 1) // cuda.gridDim.x
+        j0 = cuda.blockIdx.x * hs
+        nj = max(0, min(hs, H - j0))
+        tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
+        sm = cuda.shared.array(0, dtype=xw.dtype)
+        red = G * H * hs                                  # offset of the partial sums
+        for e in range(tid, G * H * nj, nthreads):        # e = (g*nj + jj)*H + k: coalesced global reads
+            k = e % H
+            gj = e // H
+            g = gj // nj
+            jj = gj - g * nj
+            sm[(g * H + k) * nj + jj] = w_hh[g * H + j0 + jj, k]
+        cuda.syncthreads()
+        items = B * nj                                    # (b, jj) pairs of this block
+        lanes = max(1, nthreads // max(items, 1))
+        per_pass = nthreads // lanes
+        q, p = tid % per_pass, tid // per_pass            # item within a pass, lane
+        grid = cuda.cg.this_grid()
+        for t in range(T):
+            cur = t % 2
+            for base in range(0, items, per_pass):
+                it = base + q
+                active = it < items and p < lanes
+                b = it // max(nj, 1)
+                jj = it - b * nj
+                a0 = a1 = a2 = a3 = F(0)
+                if active:
+                    for k in range(p, H, lanes):
+                        hk = hbuf[cur, b, k]
+                        w = k * nj + jj
+                        a0 += hk * sm[w]
+                        if G > 1:
+                            a1 += hk * sm[w + H * nj]
+                            a2 += hk * sm[w + 2 * H * nj]
+                        if G > 3:
+                            a3 += hk * sm[w + 3 * H * nj]
+                if lanes > 1:
+                    if active:
+                        s = red + 4 * tid
+                        sm[s] = a0
+                        sm[s + 1] = a1
+                        sm[s + 2] = a2
+                        sm[s + 3] = a3
+                    cuda.syncthreads()
+                    if active and p == 0:
+                        for lane in range(1, lanes):
+                            s = red + 4 * (lane * per_pass + q)
+                            a0 += sm[s]
+                            a1 += sm[s + 1]
+                            a2 += sm[s + 2]
+                            a3 += sm[s + 3]
+                if active and p == 0:
+                    j = j0 + jj
+                    hbuf[1 - cur, b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], xw, b_hh,
+                                                       a0, a1, a2, a3, hbuf[cur, b, j], c, y, gates, cs, hns)
+                if lanes > 1:
+                    cuda.syncthreads()                    # partial sums are reused by the next pass
+            grid.sync()
+
+    @cuda.jit
+    def persistent_backward(cell, act, w_hh, lengths, dh, dy, y, h0, gates, cs, c0, hns, dc, dgx, dgh):
+        """All T backward steps in one cooperative launch; dh: (B, H) dL/dh_n on entry, dL/dh0 on exit.
+
+        dL/dh_{t}[b, k] = carried[b, k] + sum_gj dgh[t+1, b, gj] W_hh[gj, k]: block k owns columns
+        j0 .. j0+nj-1 and keeps W_hh[:, j0:j0+nj] in shared memory as w_sh[gj*nj + jj]; a warp's threads
+        (consecutive jj, same b) read one dgh value (broadcast) and consecutive banks. Lanes as in
+        persistent_forward. The pass after step 0 (t = -1) adds dgh[0] @ W_hh to give dL/dh0.
+        """
+        T = dy.shape[0]
+        B, H = dh.shape
+        GH = w_hh.shape[0]
+        hs = (H + cuda.gridDim.x - 1) // cuda.gridDim.x
+        j0 = cuda.blockIdx.x * hs
+        nj = max(0, min(hs, H - j0))
+        tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
+        sm = cuda.shared.array(0, dtype=dy.dtype)
+        red = GH * hs
+        for e in range(tid, GH * nj, nthreads):           # e = gj*nj + jj: coalesced global reads
+            gj = e // nj
+            sm[e] = w_hh[gj, j0 + e - gj * nj]
+        cuda.syncthreads()
+        items = B * nj
+        lanes = max(1, nthreads // max(items, 1))
+        per_pass = nthreads // lanes
+        q, p = tid % per_pass, tid // per_pass
+        grid = cuda.cg.this_grid()
+        for t in range(T - 1, -2, -1):
+            for base in range(0, items, per_pass):
+                it = base + q
+                active = it < items and p < lanes
+                b = it // max(nj, 1)
+                jj = it - b * nj
+                a = F(0)
+                if active and t + 1 < T:
+                    for gj in range(p, GH, lanes):
+                        a += dgh[t + 1, b, gj] * sm[gj * nj + jj]
+                if lanes > 1:
+                    if active:
+                        sm[red + tid] = a
+                    cuda.syncthreads()
+                    if active and p == 0:
+                        for lane in range(1, lanes):
+                            a += sm[red + lane * per_pass + q]
+                if active and p == 0:
+                    j = j0 + jj
+                    dh_in = dh[b, j] + a
+                    if t >= 0:
+                        dh_in = unit_backward(cell, act, t, b, j, t < lengths[b], dh_in, dy, y, h0, gates,
+                                              cs, c0, hns, dc, dgx, dgh)
+                    dh[b, j] = dh_in
+                if lanes > 1:
+                    cuda.syncthreads()
+            grid.sync()
+
+    @cuda.jit
+    def jordan_hidden(act, t, xw, hy, lengths, h):
+        """h[t] = act(xw[t] + hy), 0 at padded steps. xw, h: (T, B, H);  hy: (B, H) y_{t-1} @ W_yh.T."""
+        B, H = hy.shape
+        idx = cuda.grid(1)
+        if idx < B * H:
+            b = idx // H
+            j = idx - b * H
+            h[t, b, j] = activate(act, xw[t, b, j] + hy[b, j]) if t < lengths[b] else F(0)
+
+    @cuda.jit
+    def jordan_output(act, t, py, b_y, lengths, y, state):
+        """y[t] = out_act(py + b_y), 0 at padded steps; state (B, O) takes y[t] at valid steps.
+        py: (B, O) h[t] @ W_hy.T;  b_y: (O,);  y: (T, B, O)."""
+        B, O = py.shape
+        idx = cuda.grid(1)
+        if idx < B * O:
+            b = idx // O
+            o = idx - b * O
+            valid = t < lengths[b]
+            v = activate(act, py[b, o] + b_y[o])
+            y[t, b, o] = v if valid else F(0)
+            if valid:
+                state[b, o] = v
+
+    @cuda.jit
+    def jordan_output_backward(act, t, dy, y, lengths, carry, dsum, dpy):
+        """dpy[t] = dL/d(y pre-activation); y_t feeds the loss (dy[t]) and step t+1 (dsum + carry).
+        dy, y, dpy: (T, B, O);  dsum: (B, O) dph[t+1] @ W_yh (0 rows where step t+1 was padded);
+        carry: (B, O) dL/dy_state held across padded steps, updated in place."""
+        B, O = dsum.shape
+        idx = cuda.grid(1)
+        if idx < B * O:
+            b = idx // O
+            o = idx - b * O
+            s = carry[b, o] + dsum[b, o]
+            if t < lengths[b]:
+                # y = out_act(py):  dpy = (ds + dy) out_act'(py), written from y
+                dpy[t, b, o] = (s + dy[t, b, o]) * activate_grad(act, y[t, b, o])
+                carry[b, o] = F(0)
+            else:
+                carry[b, o] = s
+
+    @cuda.jit
+    def jordan_hidden_backward(act, t, dhh, h, dph):
+        """dph[t] = dhh * act'(h[t]):  ph = xw + y_prev W_yh^T,  h = act(ph).
+        dhh: (B, H) dpy[t] @ W_hy (0 rows at padded steps);  h, dph: (T, B, H)."""
+        B, H = dhh.shape
+        idx = cuda.grid(1)
+        if idx < B * H:
+            b = idx // H
+            j = idx - b * H
+            dph[t, b, j] = dhh[b, j] * activate_grad(act, h[t, b, j])
+
+    return SimpleNamespace(step_forward=step_forward, step_backward=step_backward,
+                           persistent_forward=persistent_forward, persistent_backward=persistent_backward,
+                           jordan_hidden=jordan_hidden, jordan_output=jordan_output,
+                           jordan_output_backward=jordan_output_backward,
+                           jordan_hidden_backward=jordan_hidden_backward)

@@ -1,0 +1,66 @@
+"""Compile every numba-backend kernel to PTX for real GPU targets, without a GPU.
+
+    NUMBA_ENABLE_CUDASIM=0 python -m gpurnn.kernels.numba_cuda_ptx 80 90
+
+prints one line per (target, dtype, kernel): `sm_90 float32 step_forward f64_ops=0 <the PTX .entry line>`
+(f64_ops: PTX instructions on float64, which a float32 kernel must not have), and exits 1 on the first
+compile error or when a kernel's PTX has no `.entry` naming it. The cell is a kernel argument, so one
+compile per kernel and dtype covers every cell. Needs NVVM and libdevice (a CUDA toolkit or NVIDIA's wheels).
+"""
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+from numba import cuda, float32, float64, int32, int64
+
+from .numba_cuda_kernels import build
+
+
+def signatures(F):
+    """Kernel name -> argument types, as the host code launches them (C-contiguous arrays of dtype F)."""
+    a1, a2, a3, lens, i = F[::1], F[:, ::1], F[:, :, ::1], int32[::1], int64
+    return {
+        "step_forward": (i, i, i, a3, a2, a1, lens, a2, a2, a3, a3, a3, a3),
+        "step_backward": (i, i, i, a2, a2, a3, a3, a2, a3, a3, a2, a3, lens, a2, a3, a3),
+        "persistent_forward": (i, i, a3, a2, a1, lens, a3, a2, a3, a3, a3, a3),
+        "persistent_backward": (i, i, a2, lens, a2, a3, a3, a2, a3, a3, a2, a3, a2, a3, a3),
+        "jordan_hidden": (i, i, a3, a2, lens, a3),
+        "jordan_output": (i, i, a2, a1, lens, a3, a2),
+        "jordan_output_backward": (i, i, a3, a3, lens, a2, a2, a3),
+        "jordan_hidden_backward": (i, i, a2, a3, a3),
+    }
+
+
+def without_device(cc):
+    """Let kernels that call device functions compile with no GPU: Numba compiles a device function for the
+    current device's compute capability, so stand in a device of the target's."""
+    from numba.cuda import dispatcher
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+
+
+def compile_all(ccs):
+    """Yield (cc, dtype name, kernel name, PTX text) for every kernel, dtype and target."""
+    for cc in ccs:
+        if not cuda.is_available():
+            without_device(cc)
+        for dtype, F in ((np.float32, float32), (np.float64, float64)):
+            kernels = build(dtype)
+            for name, sig in signatures(F).items():
+                ptx, _ = cuda.compile_ptx(getattr(kernels, name).py_func, sig, cc=cc)
+                yield cc, np.dtype(dtype).name, name, ptx
+
+
+def main(argv):
+    ccs = [(int(a[:-1]), int(a[-1])) for a in (argv or ["80", "90"])]
+    for cc, dtype, name, ptx in compile_all(ccs):
+        entries = [line for line in ptx.splitlines() if ".entry" in line and name in line]
+        if not entries:
+            print(f"sm_{cc[0]}{cc[1]} {dtype} {name}: no .entry in the PTX", file=sys.stderr)
+            return 1
+        f64_ops = sum(".f64" in line for line in ptx.splitlines())
+        print(f"sm_{cc[0]}{cc[1]} {dtype} {name} f64_ops={f64_ops} {entries[0].strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
