@@ -1,4 +1,6 @@
 """Validation of user input: every error names the argument and what was expected. Nothing here mutates."""
+import math
+
 import numpy as np
 
 from .backend import array_device, as_array, xp_for
@@ -21,6 +23,19 @@ def positive_int(value, name, minimum=1):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def number(value, name, low=0.0, high=math.inf, low_open=False, high_open=False):
+    """`value` as a float in [low, high] (ends open where asked); ValueError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if math.isnan(value) or too_low or too_high:
+        bounds = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+        raise ValueError(f"{name} must lie in {bounds}, got {value}")
+    return value
 
 
 def choice(value, name, options):

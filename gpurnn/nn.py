@@ -27,15 +27,15 @@ def check_ctx(ctx, owner):
     return ctx.saved
 
 
-def float_input(a, name, device=None, shape=None):
-    """`a` as a float32/float64 array (on `device` when given), checked for shape and NaN/Inf."""
+def float_input(a, name):
+    """`a` as a float32/float64 array on its own device, checked for NaN/Inf."""
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
     where = array_device(a)
     a = as_array(a, where, name)
     if a.dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype.name}")
-    return checks.array(a, name, device or where, a.dtype, shape)
+    return checks.array(a, name, where, a.dtype)
 
 
 def integer_input(a, name, device):
@@ -52,7 +52,7 @@ def integer_input(a, name, device):
 
 
 def scatter_add(target, index, values):
-    """target[index[n]] += values[n] for n in order, repeated indices summed. target (V, E), index (N,), values (N, E)."""
+    """target[index[n]] += values[n], repeated indices summed.  target (V, E), index (N,), values (N, E)."""
     xp = array_module(target)
     if xp is np:
         np.add.at(target, index, values)
@@ -200,8 +200,8 @@ class SoftmaxCrossEntropy(Loss):
                              f"got {values}")
         rows = xp.arange(z.shape[0])
         t_safe = xp.where(keep, t, 0)
-        # log softmax(z)_c = z_c - lse,  lse = m + log sum exp(z - m),  m = max z (no overflow)
-        shifted = z - z.max(axis=1, keepdims=True)                     # (N, C)
+        # log softmax(z)_c = s_c - lse,  s = z - max z (exp cannot overflow),  lse = log sum_c exp(s_c)
+        shifted = z - z.max(axis=1, keepdims=True)                     # (N, C) s
         lse = xp.log(xp.exp(shifted).sum(axis=1))                      # (N,)
         losses = xp.where(keep, lse - shifted[rows, t_safe], 0)        # (N,)
         count = int(keep.sum())
@@ -221,13 +221,13 @@ class ElementwiseLoss(Loss):
         pred = float_input(pred, "pred")
         if pred.size == 0:
             raise ValueError("pred must have at least one element")
-        device = array_device(pred)
-        if target is not None and array_device(target) == device:
-            target = as_array(target, device, "target")
-            if target.dtype.kind not in "biuf":
-                raise TypeError(f"target must hold real numbers, got dtype {target.dtype.name}")
-            target = target.astype(pred.dtype, copy=False)
-        target = checks.array(target, "target", device, pred.dtype, tuple(pred.shape))
+        if target is None:
+            raise TypeError("target must be an array, got None")
+        target = as_array(target, array_device(target), "target")
+        if target.dtype.kind not in "biuf":
+            raise TypeError(f"target must hold real numbers, got dtype {target.dtype.name}")
+        target = checks.array(target.astype(pred.dtype, copy=False), "target", array_device(pred), pred.dtype,
+                              tuple(pred.shape))
         scale = 1.0 / pred.size if self.reduction == "mean" else 1.0
         losses, dpred = self.elementwise(pred, target)
         return float(losses.sum()) * scale, SavedCtx(self, (dpred * scale,))

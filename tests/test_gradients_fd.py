@@ -3,30 +3,13 @@ import numpy as np
 import pytest
 
 import gpurnn
-from util import CELLS, make_layer, random_problem
-
-EPS = 1e-6
-
+from util import CELLS, make_layer, numeric_grad, random_problem
 
 def pairing(y, state_n, dy, dstate):
     """The scalar L = <y, dy> + <state_n, dstate> whose gradients backward(ctx, dy, dstate) returns."""
     states = state_n if isinstance(state_n, tuple) else (state_n,)
     dstates = dstate if isinstance(dstate, tuple) else (dstate,)
     return float((y * dy).sum() + sum((s * d).sum() for s, d in zip(states, dstates)))
-
-
-def numeric_grad(loss, arr):
-    """Central differences of loss() with respect to every entry of arr (perturbed in place)."""
-    grad = np.zeros_like(arr)
-    for idx in np.ndindex(arr.shape):
-        keep = arr[idx]
-        arr[idx] = keep + EPS
-        up = loss()
-        arr[idx] = keep - EPS
-        down = loss()
-        arr[idx] = keep
-        grad[idx] = (up - down) / (2 * EPS)
-    return grad
 
 
 @pytest.mark.parametrize("cell", CELLS)

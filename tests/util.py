@@ -50,3 +50,17 @@ def random_problem(layer, T, B, rng, ragged=False):
     dy = rng.standard_normal(y_shape).astype(dt)
     unpack = (lambda s: s) if lstm else (lambda s: s[0])
     return x, unpack(state), lengths, dy, unpack(dstate)
+
+
+def numeric_grad(loss, arr, eps=1e-6):
+    """Central differences of loss() with respect to every entry of arr (perturbed in place)."""
+    grad = np.zeros_like(arr)
+    for idx in np.ndindex(arr.shape):
+        keep = arr[idx]
+        arr[idx] = keep + eps
+        up = loss()
+        arr[idx] = keep - eps
+        down = loss()
+        arr[idx] = keep
+        grad[idx] = (up - down) / (2 * eps)
+    return grad
