@@ -5,11 +5,24 @@ import pytest
 import gpurnn
 from util import CELLS, make_layer, numeric_grad, random_problem
 
-def pairing(y, state_n, dy, dstate):
-    """The scalar L = <y, dy> + <state_n, dstate> whose gradients backward(ctx, dy, dstate) returns."""
-    states = state_n if isinstance(state_n, tuple) else (state_n,)
-    dstates = dstate if isinstance(dstate, tuple) else (dstate,)
-    return float((y * dy).sum() + sum((s * d).sum() for s, d in zip(states, dstates)))
+
+def as_tuple(v):
+    return v if isinstance(v, tuple) else (v,)
+
+
+def check_layer_gradients(layer, x, state, lengths, dy, dstate):
+    """layer.backward's gradients of L = <y, dy> + <state_n, dstate> against central differences of L."""
+    def loss():
+        y, state_n, _ = layer.forward(x, state, lengths, training=False)
+        return float((y * dy).sum() + sum((s * d).sum() for s, d in zip(as_tuple(state_n), as_tuple(dstate))))
+
+    _, _, ctx = layer.forward(x, state, lengths)
+    dx, dstate0 = layer.backward(ctx, dy, dstate)
+    for name, p in layer.params.items():
+        np.testing.assert_allclose(layer.grads[name], numeric_grad(loss, p), rtol=1e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=1e-5, atol=1e-7, err_msg="x")
+    for i, (s, ds) in enumerate(zip(as_tuple(state), as_tuple(dstate0))):
+        np.testing.assert_allclose(ds, numeric_grad(loss, s), rtol=1e-5, atol=1e-7, err_msg=f"state[{i}]")
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -18,22 +31,9 @@ def pairing(y, state_n, dy, dstate):
 @pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_recurrent_gradients(cell, num_layers, bidirectional, ragged, batch_first):
-    rng = np.random.default_rng(7)
     layer = make_layer(cell, 3, 2, num_layers=num_layers, bidirectional=bidirectional,
                        batch_first=batch_first, dtype="float64", seed=3)
-    x, state, lengths, dy, dstate = random_problem(layer, T=4, B=3, rng=rng, ragged=ragged)
-
-    def loss():
-        y, s_n, _ = layer.forward(x, state, lengths, training=False)
-        return pairing(y, s_n, dy, dstate)
-
-    _, _, ctx = layer.forward(x, state, lengths)
-    dx, dstate0 = layer.backward(ctx, dy, dstate)
-    for name, p in layer.params.items():
-        np.testing.assert_allclose(layer.grads[name], numeric_grad(loss, p), rtol=1e-5, atol=1e-7, err_msg=name)
-    np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=1e-5, atol=1e-7, err_msg="x")
-    for i, (s, ds) in enumerate(zip(*(v if isinstance(v, tuple) else (v,) for v in (state, dstate0)))):
-        np.testing.assert_allclose(ds, numeric_grad(loss, s), rtol=1e-5, atol=1e-7, err_msg=f"state[{i}]")
+    check_layer_gradients(layer, *random_problem(layer, T=4, B=3, rng=np.random.default_rng(7), ragged=ragged))
 
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu", "sigmoid"])
@@ -44,18 +44,6 @@ def test_jordan_gradients(nonlinearity, output_nonlinearity, ragged):
     layer = gpurnn.JordanRNN(3, 4, 2, nonlinearity=nonlinearity, output_nonlinearity=output_nonlinearity,
                              dtype="float64", seed=5)
     T, B = 5, 3
-    x = rng.standard_normal((T, B, 3))
-    y0 = rng.standard_normal((1, B, 2))
     lengths = np.array([T, 2, 4]) if ragged else None
-    dy, dy_n = rng.standard_normal((T, B, 2)), rng.standard_normal((1, B, 2))
-
-    def loss():
-        y, y_n, _ = layer.forward(x, y0, lengths, training=False)
-        return pairing(y, y_n, dy, dy_n)
-
-    _, _, ctx = layer.forward(x, y0, lengths)
-    dx, dy0 = layer.backward(ctx, dy, dy_n)
-    for name, p in layer.params.items():
-        np.testing.assert_allclose(layer.grads[name], numeric_grad(loss, p), rtol=1e-5, atol=1e-7, err_msg=name)
-    np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(dy0, numeric_grad(loss, y0), rtol=1e-5, atol=1e-7)
+    check_layer_gradients(layer, rng.standard_normal((T, B, 3)), rng.standard_normal((1, B, 2)), lengths,
+                          rng.standard_normal((T, B, 2)), rng.standard_normal((1, B, 2)))
