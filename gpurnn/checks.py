@@ -8,6 +8,10 @@ from .backend import array_device, as_array, xp_for
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+class NonFiniteError(ValueError):
+    """An array holds NaN or Inf: bad input from a user, or a diverged value mid-training."""
+
+
 def float_dtype(dtype):
     """np.dtype for a layer's `dtype` argument; only float32 and float64 are supported."""
     try:
@@ -63,7 +67,7 @@ def array(a, name, device, dtype, shape=None, ndim=None, finite=True):
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name} must have shape {want}, got {tuple(a.shape)}")
     if finite and a.size and not bool(xp_for(device).isfinite(a).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+        raise NonFiniteError(f"{name} contains NaN or Inf")
     return a
 
 
