@@ -4,22 +4,9 @@ import numpy as np
 import pytest
 
 from gpurnn import models
+from util import numeric_grad
 
-EPS = 1e-6
 CELLS = ["lstm", "gru", "rnn_tanh"]
-
-
-def numeric_grad(loss, arr):
-    grad = np.zeros_like(arr)
-    for idx in np.ndindex(arr.shape):
-        keep = arr[idx]
-        arr[idx] = keep + EPS
-        up = loss()
-        arr[idx] = keep - EPS
-        down = loss()
-        arr[idx] = keep
-        grad[idx] = (up - down) / (2 * EPS)
-    return grad
 
 
 def problem(kind, cell, rng):

@@ -9,8 +9,7 @@ import pytest
 
 from gpurnn import models, nn, optim
 from gpurnn.trainer import Callback, NonFiniteError, Trainer, parse_tbptt, windows
-
-EPS = 1e-6
+from util import numeric_grad
 
 
 class Record(Callback):
@@ -64,19 +63,6 @@ def test_tbptt_over_the_whole_batch_equals_full_bptt(cell, tbptt):
     for i, m in enumerate(model.modules()):
         for k, g in m.grads.items():
             np.testing.assert_allclose(rec.grads[0][f"{i}.{k}"], g, rtol=1e-12, atol=1e-14)
-
-
-def numeric_grad(f, arr):
-    grad = np.zeros_like(arr)
-    for idx in np.ndindex(arr.shape):
-        keep = arr[idx]
-        arr[idx] = keep + EPS
-        up = f()
-        arr[idx] = keep - EPS
-        down = f()
-        arr[idx] = keep
-        grad[idx] = (up - down) / (2 * EPS)
-    return grad
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
