@@ -134,3 +134,21 @@ def test_jordan_bad_input():
     y, _, ctx = layer.forward(x)
     with pytest.raises(ValueError, match=r"dy must have shape \(5, 2, 2\)"):
         layer.backward(ctx, np.zeros((5, 2, 4), np.float32))
+
+
+class FakeCudaArray:
+    """Looks like a GPU array to the layer (it exposes __cuda_array_interface__); no GPU needed."""
+    __cuda_array_interface__ = {"shape": (5, 2, 3), "typestr": "<f4", "data": (0, False), "version": 3}
+
+
+def test_mixed_devices_is_an_error(trained):
+    layer, _, _, _ = trained
+    with pytest.raises(ValueError, match="x is on device 'cuda' but the parameters are on 'cpu'"):
+        layer.forward(FakeCudaArray())
+
+
+def test_cpu_dlpack_input_is_accepted():
+    torch = pytest.importorskip("torch")
+    layer = gpurnn.GRU(3, 4, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    np.testing.assert_array_equal(layer.forward(torch.from_numpy(x))[0], layer.forward(x)[0])
