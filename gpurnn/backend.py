@@ -1,7 +1,7 @@
 """Which backends exist and which one a call gets, from where its arrays live. Imports nothing heavy.
 
 | name  | arrays (xp)                                   | kernels                      |
-| numpy | NumPy                                         | gpurnn.kernels.numpy_ref      |
+| numpy | NumPy                                         | gpurnn.kernels.cpu_fused (float32), numpy_ref (float64) |
 | numba | CuPy on a GPU; NumPy under NUMBA_ENABLE_CUDASIM=1 | gpurnn.kernels.numba_cuda |
 | cupy  | CuPy                                          | gpurnn.kernels.cupy_raw       |
 """
@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 BACKENDS = ("numpy", "numba", "cupy")
-KERNEL_MODULES = {"numpy": "gpurnn.kernels.numpy_ref",
+KERNEL_MODULES = {"numpy": "gpurnn.kernels.cpu_fused",
                   "numba": "gpurnn.kernels.numba_cuda",
                   "cupy": "gpurnn.kernels.cupy_raw"}
 GPU_DEFAULT = "numba"   # what "auto" picks for GPU data

@@ -113,7 +113,7 @@ class _Recurrent(Module):
         inp = x
         for layer in range(self.num_layers):
             ctx.inputs.append(inp)
-            out = xp.empty((T, B, D * H), self.dtype)
+            out = xp.empty((T, B, D * H), self.dtype) if D == 2 else None
             for d, suffix in enumerate(self._suffixes(layer)):
                 p = self.params
                 xw = xp.matmul(inp.reshape(T * B, -1), p[f"weight_ih{suffix}"].T).reshape(T, B, G * H)
@@ -127,7 +127,10 @@ class _Recurrent(Module):
                 k = layer * D + d
                 y, s_n, kctx = K.forward(self.cell, xw, p[f"weight_hh{suffix}"], b_hh,
                                          tuple(s[k] for s in state0), lens, training, **opts)
-                out[:, :, d * H:(d + 1) * H] = reverse_time(y, rev_index) if d == 1 else y
+                if D == 1:         # (T, B, H); a copy when training, since backward reads the sweep's own y
+                    out = y.copy() if training else y
+                else:
+                    out[:, :, d * H:(d + 1) * H] = reverse_time(y, rev_index) if d == 1 else y
                 for dst, src in zip(state_n, s_n):
                     dst[k] = src
                 ctx.sweeps.append(kctx)
@@ -151,36 +154,41 @@ class _Recurrent(Module):
         dstate_n = self._check_state(dstate, B, "dstate")
         K = kernels(ctx.backend)
         p = self.params
-        new_grads = {k: xp.zeros_like(v) for k, v in self.grads.items()}
+        new_grads = {}     # added to self.grads only once every GEMM has run
         dstate0 = tuple(xp.empty_like(s) for s in dstate_n)
         dout = dy
         for layer in reversed(range(self.num_layers)):
             inp = ctx.inputs[layer]
             inp2d = inp.reshape(T * B, -1)
-            dinp = xp.zeros(inp2d.shape, self.dtype)
+            dinp = None
             for d, suffix in enumerate(self._suffixes(layer)):
                 k = layer * D + d
                 kctx = ctx.sweeps[k]
-                dy_d = xp.ascontiguousarray(dout[:, :, d * H:(d + 1) * H])
+                dy_d = dout if D == 1 else xp.ascontiguousarray(dout[:, :, d * H:(d + 1) * H])
                 if d == 1:
                     dy_d = reverse_time(dy_d, ctx.rev_index)
                 dgx, dgh, ds0 = K.backward(kctx, dy_d, tuple(s[k] for s in dstate_n))
                 for dst, src in zip(dstate0, ds0):
                     dst[k] = src
                 GH = dgx.shape[2]
+                shared = dgh is dgx        # every cell but the GRU: dL/d(xw) = dL/d(h W_hh^T)
                 # W_hh sees h_prev: h0 at step 0, then y[t-1] (kernel time order)
-                gw = new_grads[f"weight_hh{suffix}"]
-                gw += dgh[0].T @ kctx.h0
+                gw = dgh[0].T @ kctx.h0                                            # (GH, H)
                 if T > 1:
                     gw += dgh[1:].reshape(-1, GH).T @ kctx.y[:-1].reshape(-1, H)
+                new_grads[f"weight_hh{suffix}"] = gw
+                dgh_sum = dgh.reshape(T * B, GH).sum(axis=0) if self.bias else None   # (GH,)
                 if d == 1:
                     dgx = reverse_time(dgx, ctx.rev_index)
                 dgx2d = dgx.reshape(T * B, GH)
-                new_grads[f"weight_ih{suffix}"] += dgx2d.T @ inp2d
-                dinp += dgx2d @ p[f"weight_ih{suffix}"]
+                new_grads[f"weight_ih{suffix}"] = dgx2d.T @ inp2d                    # (GH, in_l)
+                if dinp is None:
+                    dinp = dgx2d @ p[f"weight_ih{suffix}"]                          # (T*B, in_l)
+                else:
+                    dinp += dgx2d @ p[f"weight_ih{suffix}"]
                 if self.bias:
-                    new_grads[f"bias_ih{suffix}"] += dgx2d.sum(axis=0)
-                    new_grads[f"bias_hh{suffix}"] += dgh.reshape(T * B, GH).sum(axis=0)
+                    new_grads[f"bias_hh{suffix}"] = dgh_sum
+                    new_grads[f"bias_ih{suffix}"] = dgh_sum if shared else dgx2d.sum(axis=0)
             dout = dinp.reshape(T, B, -1)
         for k, g in new_grads.items():
             self.grads[k] += g

@@ -1,0 +1,310 @@
+"""The fast CPU sweeps: BLAS for the recurrent GEMM of each step, one fused Numba kernel for its gate math.
+
+Interface and shapes: see ``kernels/__init__.py``. float32 runs here; float64 (the oracle's dtype) and the
+Jordan network go to ``numpy_ref`` unchanged, so float64 results stay exactly the reference's.
+
+Layout: the recurrent GEMM runs feature-major, ``W_hh (G*H, H) @ h^T (H, B) -> (G*H, B)`` forward and
+``W_hh^T (H, G*H) @ dG^T (G*H, B) -> (H, B)`` backward; at small B that is the shape BLAS runs fastest (about
+1.4x the batch-major one here). One strided copy turns that block batch-major, so the step kernels run over
+contiguous rows and vectorise; every buffer is allocated once per sweep, nothing per step. The activated gates overwrite ``xw`` in place (it is what backward reads).
+
+Activations are float32 rational approximations (|error| < 3e-7) that vectorise; sigmoid(x) = (1 + tanh(x/2)) / 2
+as in the reference. Backward forms activation derivatives from the saved outputs, like the reference.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from . import numpy_ref
+
+# contract/reassoc/afn/arcp let LLVM fuse and vectorise; no nnan/ninf, so NaN and Inf propagate as in NumPy
+FAST = {"contract", "reassoc", "afn", "arcp", "nsz"}
+jit = njit(fastmath=FAST, error_model="numpy", cache=True, nogil=True)
+inline = njit(fastmath=FAST, error_model="numpy", cache=True, inline="always")
+
+TANH_CLAMP = np.float32(7.90531110763549805)   # tanh(x) rounds to +-1 in float32 beyond this
+# tanh(x) ~ x P(x^2) / Q(x^2), a minimax rational fit on [-7.9, 7.9]
+TANH_P = tuple(np.float32(v) for v in (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
+                                       5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
+                                       4.89352455891786e-03))
+TANH_Q = tuple(np.float32(v) for v in (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03,
+                                       4.89352518554385e-03))
+P0, P1, P2, P3, P4, P5, P6 = TANH_P
+Q0, Q1, Q2, Q3 = TANH_Q
+HALF, ONE, ZERO = np.float32(0.5), np.float32(1), np.float32(0)
+ACT_CODE = {"tanh": 0, "relu": 1, "sigmoid": 2, "identity": 3}
+
+
+@inline
+def tanh(x):
+    x = x if x < TANH_CLAMP else TANH_CLAMP
+    x = x if x > -TANH_CLAMP else -TANH_CLAMP
+    x2 = x * x
+    p = ((((((P0 * x2 + P1) * x2 + P2) * x2 + P3) * x2 + P4) * x2 + P5) * x2 + P6)
+    q = (((Q0 * x2 + Q1) * x2 + Q2) * x2 + Q3)
+    return x * p / q
+
+
+@inline
+def sigmoid(x):
+    return HALF + HALF * tanh(HALF * x)
+
+
+@inline
+def act(code, x):
+    if code == 0:
+        return tanh(x)
+    if code == 1:
+        return x if x > ZERO else ZERO
+    if code == 2:
+        return sigmoid(x)
+    return x
+
+
+@inline
+def act_grad(code, y):
+    """d act / d pre-activation from the output y (tanh' = 1 - y^2, sigmoid' = y (1 - y), relu' = [y > 0])."""
+    if code == 0:
+        return ONE - y * y
+    if code == 1:
+        return ONE if y > ZERO else ZERO
+    if code == 2:
+        return y * (ONE - y)
+    return ONE
+
+
+# ---- one step forward: g (B, G*H) is xw[t] in and the activated gates out; gh (B, G*H) = h_prev W_hh^T;
+# h_state (B, H) the running state in/out; y (B, H) is y[t]; padded sequences keep their state.
+
+@jit
+def elman_forward_step(code, g, gh, b_hh, lengths, t, h_state, y):
+    B, H = y.shape
+    for b in range(B):
+        if t < lengths[b]:
+            for j in range(H):
+                h = act(code, g[b, j] + gh[b, j] + b_hh[j])
+                y[b, j] = h
+                h_state[b, j] = h
+        else:
+            y[b, :] = ZERO
+
+
+# Row helpers: each loop touches few arrays so LLVM vectorises it without giving up on alias checks.
+
+@inline
+def preact_row(g, gh, b_hh):
+    for j in range(g.shape[0]):
+        g[j] += gh[j] + b_hh[j]
+
+
+@inline
+def sigmoid_row(a):
+    for j in range(a.shape[0]):
+        a[j] = sigmoid(a[j])
+
+
+@inline
+def tanh_row(a):
+    for j in range(a.shape[0]):
+        a[j] = tanh(a[j])
+
+
+@jit
+def lstm_forward_step(g, gh, b_hh, lengths, t, c, c_out, h_state, y):
+    """c: (B, H) cell state in/out; c_out: (B, H) c_t saved for backward (may be c itself)."""
+    B, H = y.shape
+    for b in range(B):
+        if t < lengths[b]:
+            gb, cb, yb = g[b], c[b], y[b]
+            preact_row(gb, gh[b], b_hh)
+            sigmoid_row(gb[:2 * H])
+            tanh_row(gb[2 * H:3 * H])
+            sigmoid_row(gb[3 * H:])
+            i, f, gg, o = gb[:H], gb[H:2 * H], gb[2 * H:3 * H], gb[3 * H:]
+            for j in range(H):
+                cb[j] = f[j] * cb[j] + i[j] * gg[j]          # c' = f c + i g
+            for j in range(H):
+                yb[j] = o[j] * tanh(cb[j])                  # h' = o tanh(c')
+            h_state[b] = yb
+        else:
+            y[b] = ZERO
+        c_out[b] = c[b]
+
+
+@jit
+def gru_forward_step(g, gh, b_hh, lengths, t, hn_out, h_state, y):
+    """hn_out: (B, H) h_prev W_hn^T + b_hn saved for backward."""
+    B, H = y.shape
+    for b in range(B):
+        if t < lengths[b]:
+            gb, ghb, hnb, hb, yb = g[b], gh[b], hn_out[b], h_state[b], y[b]
+            preact_row(gb[:2 * H], ghb[:2 * H], b_hh[:2 * H])
+            sigmoid_row(gb[:2 * H])
+            r, z, n = gb[:H], gb[H:2 * H], gb[2 * H:]
+            for j in range(H):
+                hnb[j] = ghb[2 * H + j] + b_hh[2 * H + j]
+            for j in range(H):
+                n[j] = tanh(n[j] + r[j] * hnb[j])            # n = tanh(xn + r hn)
+            for j in range(H):
+                yb[j] = (ONE - z[j]) * n[j] + z[j] * hb[j]   # h' = (1 - z) n + z h
+            h_state[b] = yb
+        else:
+            y[b] = ZERO
+
+
+# ---- one step backward, t = T-1..0. dh_in (B, H) = dG_{t+1} W_hh (zero rows where step t+1 was padded);
+# dh_acc (B, H) carries what reaches h_{t} besides that GEMM: dstate_n until the sequence's last step, then the
+# GRU's direct path dh z (0 for the others). dg (B, G*H) is dgx[t], and dgh[t] the next GEMM's operand.
+
+@jit
+def elman_backward_step(code, y, dy, lengths, t, dh_in, dh_acc, dg):
+    B, H = y.shape
+    for b in range(B):
+        if t < lengths[b]:
+            for j in range(H):
+                dp = (dh_acc[b, j] + dh_in[b, j] + dy[b, j]) * act_grad(code, y[b, j])   # h = act(p)
+                dg[b, j] = dp
+                dh_acc[b, j] = ZERO
+        else:
+            dg[b, :] = ZERO
+
+
+@jit
+def lstm_backward_step(g, c, c_prev, dy, lengths, t, dh_in, dh_acc, dc_acc, dg):
+    """g: (B, 4H) saved gates i, f, g, o; c, c_prev: (B, H) c_t, c_{t-1}; dc_acc: (B, H) dL/dc_t in, dL/dc_{t-1} out."""
+    B, H = c.shape
+    for b in range(B):
+        if t < lengths[b]:
+            gb, db, dh, dc = g[b], dg[b], dh_in[b], dc_acc[b]
+            i, f, gg, o = gb[:H], gb[H:2 * H], gb[2 * H:3 * H], gb[3 * H:]
+            di, df, dgg, do = db[:H], db[H:2 * H], db[2 * H:3 * H], db[3 * H:]
+            cb, cpb, dha, dyb = c[b], c_prev[b], dh_acc[b], dy[b]
+            for j in range(H):
+                dh[j] += dha[j] + dyb[j]
+                dha[j] = ZERO
+            for j in range(H):
+                tc = tanh(cb[j])
+                dc[j] += dh[j] * o[j] * (ONE - tc * tc)     # h = o tanh(c): dc += dh o (1 - tanh^2 c)
+                do[j] = dh[j] * tc * o[j] * (ONE - o[j])    # do = dh tanh(c), times o'
+            # c = f c_prev + i g: di = dc g, df = dc c_prev, dg = dc i, dc_prev = dc f; times each gate's derivative
+            for j in range(H):
+                di[j] = dc[j] * gg[j] * i[j] * (ONE - i[j])
+            for j in range(H):
+                df[j] = dc[j] * cpb[j] * f[j] * (ONE - f[j])
+            for j in range(H):
+                dgg[j] = dc[j] * i[j] * (ONE - gg[j] * gg[j])
+            for j in range(H):
+                dc[j] *= f[j]
+        else:
+            dg[b] = ZERO
+
+
+@jit
+def gru_backward_step(g, hn, h_prev, dy, lengths, t, dh_in, dh_acc, dgx, dgh):
+    """g: (B, 3H) saved r, z, n; hn: (B, H) saved h_prev W_hn^T + b_hn; dgh: (B, 3H) dgh[t]."""
+    B, H = hn.shape
+    for b in range(B):
+        if t < lengths[b]:
+            gb, dxb, dhb, dh, dha = g[b], dgx[b], dgh[b], dh_in[b], dh_acc[b]
+            r, z, n = gb[:H], gb[H:2 * H], gb[2 * H:]
+            dr, dz, dn = dxb[:H], dxb[H:2 * H], dxb[2 * H:]
+            hnb, hpb, dyb = hn[b], h_prev[b], dy[b]
+            for j in range(H):
+                dh[j] += dha[j] + dyb[j]
+            # h = (1 - z) n + z h_prev: dn = dh (1 - z), dz = dh (h_prev - n), dh_prev = dh z + GEMM
+            for j in range(H):
+                dn[j] = dh[j] * (ONE - z[j]) * (ONE - n[j] * n[j])
+            for j in range(H):
+                dz[j] = dh[j] * (hpb[j] - n[j]) * z[j] * (ONE - z[j])
+            for j in range(H):
+                dr[j] = dn[j] * hnb[j] * r[j] * (ONE - r[j])   # n = tanh(xn + r hn): dr = dn hn, d(hn) = dn r
+            for j in range(H):
+                dha[j] = dh[j] * z[j]
+            dhb[:2 * H] = dxb[:2 * H]
+            for j in range(H):
+                dhb[2 * H + j] = dn[j] * r[j]
+        else:
+            dgx[b] = ZERO
+            dgh[b] = ZERO
+
+
+@dataclass
+class FusedCtx:
+    cell: str
+    lengths: np.ndarray     # (B,) int32
+    w_hh: np.ndarray        # (G*H, H)
+    h0: np.ndarray          # (B, H)
+    y: np.ndarray           # (T, B, H)
+    gates: np.ndarray       # (T, B, G*H) activated gates (Elman: unused, y holds h); the forward's xw buffer
+    c0: np.ndarray = None   # (B, H) LSTM
+    c: np.ndarray = None    # (T, B, H) LSTM cell state after each step
+    hn: np.ndarray = None   # (T, B, H) GRU h_prev @ W_hn.T + b_hn
+
+
+def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True):
+    if xw.dtype != np.float32:
+        return numpy_ref.forward(cell, xw, w_hh, b_hh, state0, lengths, training)
+    T, B, GH = xw.shape
+    H = w_hh.shape[1]
+    g = np.ascontiguousarray(xw)                           # (T, B, GH), becomes the gates
+    w_hh = np.ascontiguousarray(w_hh)
+    b_hh = np.ascontiguousarray(b_hh)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int32)
+    h = np.array(state0[0], np.float32)                    # (B, H) running state, a copy: state0 stays as it was
+    ghT = np.empty((GH, B), np.float32)                    # W_hh h^T, the GEMM's fast layout
+    gh = np.empty((B, GH), np.float32)                     # its transpose, what the step kernel reads
+    y = np.empty((T, B, H), np.float32)
+    c = cs = hn = None
+    if cell == "lstm":
+        c = np.array(state0[1], np.float32)
+        cs = np.empty((T, B, H), np.float32) if training else None
+    elif cell == "gru":
+        hn = np.empty((T if training else 1, B, H), np.float32)
+    for t in range(T):
+        np.matmul(w_hh, h.T, out=ghT)
+        np.copyto(gh, ghT.T)
+        if cell == "lstm":
+            lstm_forward_step(g[t], gh, b_hh, lengths, t, c, cs[t] if training else c, h, y[t])
+        elif cell == "gru":
+            gru_forward_step(g[t], gh, b_hh, lengths, t, hn[t if training else 0], h, y[t])
+        else:
+            elman_forward_step(ACT_CODE[cell[4:]], g[t], gh, b_hh, lengths, t, h, y[t])
+    state_n = (h, c) if cell == "lstm" else (h,)
+    if not training:
+        return y, state_n, None
+    ctx = FusedCtx(cell, lengths, w_hh, state0[0], y, g,
+                   c0=state0[1] if cell == "lstm" else None, c=cs, hn=hn if cell == "gru" else None)
+    return y, state_n, ctx
+
+
+def backward(ctx, dy, dstate_n):
+    if not isinstance(ctx, FusedCtx):
+        return numpy_ref.backward(ctx, dy, dstate_n)
+    cell, lengths, w_t = ctx.cell, ctx.lengths, ctx.w_hh.T   # w_t: (H, GH) view
+    T, B, GH = ctx.gates.shape
+    H = ctx.y.shape[2]
+    dy = np.ascontiguousarray(dy, dtype=np.float32)
+    dgx = np.empty((T, B, GH), np.float32)
+    dgh = np.empty_like(dgx) if cell == "gru" else dgx
+    dh_acc = np.array(dstate_n[0], np.float32)             # (B, H)
+    dc_acc = np.array(dstate_n[1], np.float32) if cell == "lstm" else None
+    dhT = np.empty((H, B), np.float32)                     # W_hh^T dG^T, the GEMM's fast layout
+    dh_in = np.zeros((B, H), np.float32)                   # its transpose; nothing comes from beyond step T-1
+    for t in range(T - 1, -1, -1):
+        if cell == "lstm":
+            c_prev = ctx.c[t - 1] if t > 0 else ctx.c0
+            lstm_backward_step(ctx.gates[t], ctx.c[t], c_prev, dy[t], lengths, t, dh_in, dh_acc, dc_acc, dgx[t])
+        elif cell == "gru":
+            h_prev = ctx.y[t - 1] if t > 0 else ctx.h0
+            gru_backward_step(ctx.gates[t], ctx.hn[t], h_prev, dy[t], lengths, t, dh_in, dh_acc, dgx[t], dgh[t])
+        else:
+            elman_backward_step(ACT_CODE[cell[4:]], ctx.y[t], dy[t], lengths, t, dh_in, dh_acc, dgx[t])
+        np.matmul(w_t, dgh[t].T, out=dhT)
+        np.copyto(dh_in, dhT.T)
+    dh_acc += dh_in
+    return dgx, dgh, ((dh_acc, dc_acc) if cell == "lstm" else (dh_acc,))
+
+
+jordan_forward = numpy_ref.jordan_forward
+jordan_backward = numpy_ref.jordan_backward
