@@ -54,22 +54,26 @@ def build_parser():
                    help="continue from the checkpoint in DIR (default: in --out)")
     t.add_argument("--out", default=os.path.join("runs", "charlm"), help="checkpoint and plot directory")
     t.add_argument("--seed", type=int, help="seed for parameters and sampling (default 0)")
-    t.add_argument("--backend", default="auto", choices=("auto", "numpy", "numba", "cupy"))
-    t.add_argument("--checkpoint-every", type=positive(int), default=250, metavar="N")
+    t.add_argument("--backend", default="auto", choices=("auto", "numpy", "numba", "cupy"),
+                   help="where to run (default: the fastest present for the data's device)")
+    t.add_argument("--checkpoint-every", type=positive(int), default=250, metavar="N",
+                   help="save a checkpoint every N steps (default 250)")
     t.add_argument("--samples", type=int, default=2, help="samples printed at the end")
-    t.add_argument("--sample-length", type=positive(int), default=400)
+    t.add_argument("--sample-length", type=positive(int), default=400, help="characters per sample (default 400)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("sample", help="generate text from a trained checkpoint")
-    s.add_argument("--checkpoint", default=os.path.join("runs", "charlm"), metavar="DIR")
-    s.add_argument("--length", type=positive(int), default=500)
-    s.add_argument("--temperature", type=positive(float), default=0.8)
-    s.add_argument("--prime", default="")
-    s.add_argument("--seed", type=int)
+    s.add_argument("--checkpoint", default=os.path.join("runs", "charlm"), metavar="DIR",
+                   help="directory written by gpurnn train (default runs/charlm)")
+    s.add_argument("--length", type=positive(int), default=500, help="characters to generate (default 500)")
+    s.add_argument("--temperature", type=positive(float), default=0.8,
+                   help="softmax temperature: lower is more conservative (default 0.8)")
+    s.add_argument("--prime", default="", help="text to feed in before generating")
+    s.add_argument("--seed", type=int, help="sampling seed (default: fresh randomness)")
 
     d = sub.add_parser("diagnose", help="plot ||dL/dh_t|| back through time for Elman vs LSTM")
-    d.add_argument("--out", default="gradient_flow.png", metavar="FILE.png")
-    d.add_argument("--steps", type=positive(int), default=65)
+    d.add_argument("--out", default="gradient_flow.png", metavar="FILE.png", help="where to write the plot")
+    d.add_argument("--steps", type=positive(int), default=65, help="steps back through time (default 65)")
 
     sub.add_parser("info", help="backends, devices and library versions")
     sub.add_parser("bench", help="side-by-side speed table (see gpurnn bench --help)", add_help=False)
