@@ -29,6 +29,19 @@ def assert_close(got, want, **tol):
         np.testing.assert_allclose(to_numpy(got), want, **tol)
 
 
+def check_against_reference(gpu, ref, dtype, x, state, lengths, dy, dstate):
+    """gpu (backend="cupy", on the device) and ref (float64 NumPy, same weights) on the same problem."""
+    y, s_n, ctx = gpu.forward(to_device(x, "cupy"), to_device(state, "cupy"), lengths)
+    dx, dstate0 = gpu.backward(ctx, to_device(dy, "cupy"), to_device(dstate, "cupy"))
+    y_ref, s_n_ref, ctx_ref = ref.forward(as64(x), as64(state), lengths)
+    dx_ref, dstate0_ref = ref.backward(ctx_ref, as64(dy), as64(dstate))
+    tol = TOL[dtype]
+    for got, want in ((y, y_ref), (s_n, s_n_ref), (dx, dx_ref), (dstate0, dstate0_ref)):
+        assert_close(got, want, **tol)
+    for k in ref.grads:
+        assert_close(gpu.grads[k], ref.grads[k], err_msg=k, **tol)
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
@@ -39,16 +52,7 @@ def test_layer_matches_reference(cell, shape, dtype):
     ref = make_layer(cell, I, H, num_layers=L, bidirectional=bidirectional, dtype="float64", seed=0)
     ref.load_state_dict(gpu.state_dict())
     gpu.to("cuda")
-    x, state, lengths, dy, dstate = random_problem(gpu, T, B, np.random.default_rng(1), ragged=ragged)
-    y, h_n, ctx = gpu.forward(to_device(x, "cupy"), to_device(state, "cupy"), lengths)
-    dx, dstate0 = gpu.backward(ctx, to_device(dy, "cupy"), to_device(dstate, "cupy"))
-    y_ref, h_n_ref, ctx_ref = ref.forward(as64(x), as64(state), lengths)
-    dx_ref, dstate0_ref = ref.backward(ctx_ref, as64(dy), as64(dstate))
-    tol = TOL[dtype]
-    for got, want in ((y, y_ref), (h_n, h_n_ref), (dx, dx_ref), (dstate0, dstate0_ref)):
-        assert_close(got, want, **tol)
-    for k in ref.grads:
-        assert_close(gpu.grads[k], ref.grads[k], err_msg=k, **tol)
+    check_against_reference(gpu, ref, dtype, *random_problem(gpu, T, B, np.random.default_rng(1), ragged=ragged))
 
 
 @needs_gpu
@@ -63,16 +67,7 @@ def test_jordan_matches_reference(act, out_act, dtype):
     gpu.to("cuda")
     rng = np.random.default_rng(2)
     x, y0, dy, dy_n = (rng.standard_normal(s).astype(dtype) for s in ((T, B, I), (1, B, O), (T, B, O), (1, B, O)))
-    lengths = np.array([T, 1, 4, T, 2])
-    y, y_n, ctx = gpu.forward(to_device(x, "cupy"), to_device(y0, "cupy"), lengths)
-    dx, dstate0 = gpu.backward(ctx, to_device(dy, "cupy"), to_device(dy_n, "cupy"))
-    y_ref, y_n_ref, ctx_ref = ref.forward(as64(x), as64(y0), lengths)
-    dx_ref, dstate0_ref = ref.backward(ctx_ref, as64(dy), as64(dy_n))
-    tol = TOL[dtype]
-    for got, want in ((y, y_ref), (y_n, y_n_ref), (dx, dx_ref), (dstate0, dstate0_ref)):
-        assert_close(got, want, **tol)
-    for k in ref.grads:
-        assert_close(gpu.grads[k], ref.grads[k], err_msg=k, **tol)
+    check_against_reference(gpu, ref, dtype, x, y0, np.array([T, 1, 4, T, 2]), dy, dy_n)
 
 
 def test_unknown_sweep_is_refused_before_any_work():
