@@ -236,7 +236,7 @@ class FusedCtx:
     w_hh: np.ndarray        # (G*H, H)
     h0: np.ndarray          # (B, H)
     y: np.ndarray           # (T, B, H)
-    gates: np.ndarray       # (T, B, G*H) activated gates (Elman: unused, y holds h); the forward's xw buffer
+    gates: np.ndarray       # (T, B, G*H) activated gates, the forward's xw buffer; None for Elman (y holds h)
     c0: np.ndarray = None   # (B, H) LSTM
     c: np.ndarray = None    # (T, B, H) LSTM cell state after each step
     hn: np.ndarray = None   # (T, B, H) GRU h_prev @ W_hn.T + b_hn
@@ -273,7 +273,7 @@ def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True):
     state_n = (h, c) if cell == "lstm" else (h,)
     if not training:
         return y, state_n, None
-    ctx = FusedCtx(cell, lengths, w_hh, state0[0], y, g,
+    ctx = FusedCtx(cell, lengths, w_hh, state0[0], y, None if cell.startswith("rnn") else g,
                    c0=state0[1] if cell == "lstm" else None, c=cs, hn=hn if cell == "gru" else None)
     return y, state_n, ctx
 
@@ -282,8 +282,8 @@ def backward(ctx, dy, dstate_n):
     if not isinstance(ctx, FusedCtx):
         return numpy_ref.backward(ctx, dy, dstate_n)
     cell, lengths, w_t = ctx.cell, ctx.lengths, ctx.w_hh.T   # w_t: (H, GH) view
-    T, B, GH = ctx.gates.shape
-    H = ctx.y.shape[2]
+    T, B, H = ctx.y.shape
+    GH = ctx.w_hh.shape[0]
     dy = np.ascontiguousarray(dy, dtype=np.float32)
     dgx = np.empty((T, B, GH), np.float32)
     dgh = np.empty_like(dgx) if cell == "gru" else dgx
