@@ -30,7 +30,21 @@ direction before calling, respecting ``lengths``). G = 1 (Elman), 4 (LSTM, gates
     jordan_backward(ctx, dy, dy_n) -> (dph, dpy, dy0)
         dph: (T, B, H) dL/d(h pre-activation);  dpy: (T, B, O) dL/d(y pre-activation);  dy0: (B, O)
 """
+from dataclasses import dataclass
 
 CELLS = ("rnn_tanh", "rnn_relu", "rnn_sigmoid", "lstm", "gru")
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "rnn_sigmoid": 1, "lstm": 4, "gru": 3}
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "identity")
+
+
+@dataclass
+class JordanCtx:
+    """What every backend's jordan_backward reads; arrays live where the sweep ran."""
+    lengths: object     # (B,) int32
+    w_yh: object        # (H, O)
+    w_hy: object        # (O, H)
+    act: str            # hidden activation, one of ACTIVATIONS
+    out_act: str        # output activation
+    y0: object          # (B, O)
+    h: object           # (T, B, H), 0 at padded steps
+    y: object           # (T, B, O), 0 at padded steps

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ACTIVATIONS, CELLS
+from . import ACTIVATIONS, CELLS, JordanCtx
 
 SOURCES = ("rnn.cu", "lstm.cu", "gru.cu", "jordan.cu")
 HEADER = "common.cuh"
@@ -46,7 +46,7 @@ def step_kernels(cell, dtype):
 def jordan_kernels(act, out_act, dtype):
     """Name expressions of the Jordan kernels: hidden forward, output forward, output backward, hidden backward."""
     return (kernel_name("jordan_hidden_forward", dtype, act), kernel_name("jordan_output_forward", dtype, out_act),
-            kernel_name("jordan_output_backward", dtype, out_act), kernel_name("jordan_hidden_backward", dtype, act))
+            kernel_name("rnn_backward_step", dtype, out_act), kernel_name("jordan_hidden_backward", dtype, act))
 
 
 def kernel_names():
@@ -178,18 +178,6 @@ def backward(ctx, dy, dstate_n):
         cp.matmul(dgh[t], ctx.w_hh, out=dhh)
     dh += dhh
     return dgx, dgh, ((dh, dc) if cell == "lstm" else (dh,))
-
-
-@dataclass
-class JordanCtx:
-    lengths: object     # (B,) int32
-    w_yh: object        # (H, O)
-    w_hy: object        # (O, H)
-    act: str
-    out_act: str
-    y0: object          # (B, O)
-    h: object           # (T, B, H), 0 at padded steps
-    y: object           # (T, B, O)
 
 
 def jordan_forward(xw, w_yh, w_hy, b_y, y0, lengths, act, out_act, training=True):

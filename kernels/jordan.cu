@@ -1,6 +1,7 @@
 // Jordan network: h_t = act(xw_t + y_{t-1} W_yh^T),  y_t = out_act(h_t W_hy^T + b_y); the state is y_{t-1}.
-// Each step is two GEMMs, each followed by one pointwise launch. T: float | double;  Act: Tanh | Relu |
-// Sigmoid;  OutAct: those or Identity.  One thread per (b, j) of a (B, H) or (B, O) array.
+// Each step is two GEMMs, each followed by one pointwise launch. T: float | double;  Act: Tanh | Relu | Sigmoid;
+// OutAct: those or Identity.  One thread per (b, j) of a (B, H) or (B, O) array. The output's backward is an
+// Elman step's, rnn_backward_step<T, OutAct> in rnn.cu: y = out_act(py) as h = act(p), dL/dy_{t-1} as dh.
 #include "common.cuh"
 
 // Hidden layer of step t, with gy = y_{t-1} @ W_yh^T from the GEMM just before this launch.
@@ -34,32 +35,6 @@ __global__ void jordan_output_forward(const T* py, const T* b_y, T* y, T* y_t, c
         y_t[i] = y_new;
     } else {
         y_t[i] = T(0);
-    }
-}
-
-// dL/d(output pre-activation) of step t, and the carry for step t-1.
-//   dy_t:    (B, O)  dL/dy_t from above (ignored at padded steps)
-//   y_t:     (B, O)  the forward output of step t
-//   dyh:     (B, O)  dph_{t+1} @ W_yh, step t+1's share of dL/dy_t (zeros at t = T-1)
-//   dstate:  (B, O)  carry in: the rest of dL/dy_t; carry out: 0 where step t is valid
-//   dpy_t:   (B, O)  out, dL/d(h_t W_hy^T + b_y); 0 at padded steps
-//   lengths: (B,)    int32
-template <typename T, typename OutAct>
-__global__ void jordan_output_backward(const T* dy_t, const T* y_t, const T* dyh, T* dstate, T* dpy_t,
-                                       const int* lengths, int t, int B, int O) {
-    const Element e = element(B, O);
-    if (!e.inside) return;
-    const int i = e.b * O + e.j;
-    // A padded step t+1 had dph = 0, so dyh = 0 there and the carry passes through unchanged.
-    const T carry = dstate[i] + dyh[i];
-    if (valid_step(lengths, e.b, t)) {
-        // y_t feeds the loss (dy_t) and step t+1 (carry);  y = out_act(py):  dpy = dy out_act'(py)
-        dpy_t[i] = (carry + dy_t[i]) * OutAct::grad(y_t[i]);
-        // dL/dy_{t-1} = dph_t @ W_yh, all of it through the GEMM after the next launch
-        dstate[i] = T(0);
-    } else {
-        dpy_t[i] = T(0);
-        dstate[i] = carry;
     }
 }
 

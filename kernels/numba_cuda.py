@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda
 
+from . import JordanCtx
 from .numba_cuda_kernels import ACT_CODES, CELL_CODES, build
 
 SWEEPS = ("auto", "persistent", "step")
@@ -175,18 +176,6 @@ def backward(ctx, dy, dstate_n):
     return dgx, dgh, dstate0
 
 
-@dataclass
-class JordanCtx:
-    lengths: object     # (B,) int32
-    w_yh: object        # (H, O)
-    w_hy: object        # (O, H)
-    act: int
-    out_act: int
-    y0: object          # (B, O)
-    h: object           # (T, B, H)
-    y: object           # (T, B, O)
-
-
 def jordan_forward(xw, w_yh, w_hy, b_y, y0, lengths, act, out_act, training=True):
     """Per step: GEMM y_{t-1} @ W_yh.T, kernel h_t, GEMM h_t @ W_hy.T, kernel y_t."""
     xp = array_module()
@@ -194,7 +183,6 @@ def jordan_forward(xw, w_yh, w_hy, b_y, y0, lengths, act, out_act, training=True
     T, B, H = xw.shape
     O = w_hy.shape[0]
     xw = xp.ascontiguousarray(xw)
-    act, out_act = ACT_CODES[act], ACT_CODES[out_act]
     state = xp.array(y0, copy=True)                                       # (B, O) y of the last valid step
     h = xp.empty((T, B, H), xw.dtype)
     y = xp.empty((T, B, O), xw.dtype)
@@ -205,9 +193,9 @@ def jordan_forward(xw, w_yh, w_hy, b_y, y0, lengths, act, out_act, training=True
                                                                                 xp.ascontiguousarray(b_y)))
     for t in range(T):
         xp.matmul(state, w_yh.T, out=hy)
-        K.jordan_hidden[blocks(B * H), threads(), stream](act, t, xw_d, hy_d, len_d, h_d)
+        K.jordan_hidden[blocks(B * H), threads(), stream](ACT_CODES[act], t, xw_d, hy_d, len_d, h_d)
         xp.matmul(h[t], w_hy.T, out=py)
-        K.jordan_output[blocks(B * O), threads(), stream](out_act, t, py_d, by_d, len_d, y_d, st_d)
+        K.jordan_output[blocks(B * O), threads(), stream](ACT_CODES[out_act], t, py_d, by_d, len_d, y_d, st_d)
     if not training:
         return y, state, None
     return y, state, JordanCtx(lengths, w_yh, w_hy, act, out_act, y0, h, y)
@@ -229,9 +217,9 @@ def jordan_backward(ctx, dy, dy_n):
     dy_d, y_d, h_d, len_d, carry_d, dsum_d, dhh_d, dph_d, dpy_d = (
         device_view(a) for a in (dy, ctx.y, ctx.h, ctx.lengths, carry, dsum, dhh, dph, dpy))
     for t in range(T - 1, -1, -1):
-        K.jordan_output_backward[blocks(B * O), threads(), stream](ctx.out_act, t, dy_d, y_d, len_d, carry_d,
+        K.jordan_output_backward[blocks(B * O), threads(), stream](ACT_CODES[ctx.out_act], t, dy_d, y_d, len_d, carry_d,
                                                                     dsum_d, dpy_d)
         xp.matmul(dpy[t], ctx.w_hy, out=dhh)
-        K.jordan_hidden_backward[blocks(B * H), threads(), stream](ctx.act, t, dhh_d, h_d, dph_d)
+        K.jordan_hidden_backward[blocks(B * H), threads(), stream](ACT_CODES[ctx.act], t, dhh_d, h_d, dph_d)
         xp.matmul(dph[t], ctx.w_yh, out=dsum)
     return dph, dpy, carry + dsum

@@ -25,6 +25,13 @@ def build(dtype):
     F = np.dtype(dtype).type
 
     @cuda.jit(device=True)
+    def element(cols):
+        """(b, j) of this thread in a row-major (rows, cols) array, idx = b*cols + j; b >= rows: no element."""
+        idx = cuda.grid(1)
+        b = idx // cols
+        return b, idx - b * cols
+
+    @cuda.jit(device=True)
     def sigmoid(x):
         # 1 / (1 + e^-x) without overflow for large |x|
         return F(0.5) * (F(1) + math.tanh(F(0.5) * x))
@@ -146,11 +153,9 @@ def build(dtype):
         """Step t for every (b, j). gh: (B, G*H) h @ W_hh.T, computed by the GEMM before this launch;
         h: (B, H) state, updated in place; lengths: (B,) int32; other arguments as in unit_forward."""
         B, H = h.shape
-        idx = cuda.grid(1)
-        if idx >= B * H:
+        b, j = element(H)
+        if b >= B:
             return
-        b = idx // H
-        j = idx - b * H
         G = gh.shape[1] // H
         r1 = gh[b, H + j] if G > 1 else F(0)
         r2 = gh[b, 2 * H + j] if G > 2 else F(0)
@@ -163,11 +168,9 @@ def build(dtype):
         """Pointwise backward of step t. dhg: (B, H) dG_{t+1} @ W_hh from the GEMM after step t+1 (0 at t = T-1);
         dh: (B, H) the carried part of dL/dh, updated in place; other arguments as in unit_backward."""
         B, H = dh.shape
-        idx = cuda.grid(1)
-        if idx >= B * H:
+        b, j = element(H)
+        if b >= B:
             return
-        b = idx // H
-        j = idx - b * H
         dh[b, j] = unit_backward(cell, act, t, b, j, t < lengths[b], dh[b, j] + dhg[b, j], dy, y, h0, gates,
                                  cs, c0, hns, dc, dgx, dgh)
 
@@ -304,10 +307,8 @@ def build(dtype):
     def jordan_hidden(act, t, xw, hy, lengths, h):
         """h[t] = act(xw[t] + hy), 0 at padded steps. xw, h: (T, B, H);  hy: (B, H) y_{t-1} @ W_yh.T."""
         B, H = hy.shape
-        idx = cuda.grid(1)
-        if idx < B * H:
-            b = idx // H
-            j = idx - b * H
+        b, j = element(H)
+        if b < B:
             h[t, b, j] = activate(act, xw[t, b, j] + hy[b, j]) if t < lengths[b] else F(0)
 
     @cuda.jit
@@ -315,10 +316,8 @@ def build(dtype):
         """y[t] = out_act(py + b_y), 0 at padded steps; state (B, O) takes y[t] at valid steps.
         py: (B, O) h[t] @ W_hy.T;  b_y: (O,);  y: (T, B, O)."""
         B, O = py.shape
-        idx = cuda.grid(1)
-        if idx < B * O:
-            b = idx // O
-            o = idx - b * O
+        b, o = element(O)
+        if b < B:
             valid = t < lengths[b]
             v = activate(act, py[b, o] + b_y[o])
             y[t, b, o] = v if valid else F(0)
@@ -331,10 +330,8 @@ def build(dtype):
         dy, y, dpy: (T, B, O);  dsum: (B, O) dph[t+1] @ W_yh (0 rows where step t+1 was padded);
         carry: (B, O) dL/dy_state held across padded steps, updated in place."""
         B, O = dsum.shape
-        idx = cuda.grid(1)
-        if idx < B * O:
-            b = idx // O
-            o = idx - b * O
+        b, o = element(O)
+        if b < B:
             s = carry[b, o] + dsum[b, o]
             if t < lengths[b]:
                 # y = out_act(py):  dpy = (ds + dy) out_act'(py), written from y
@@ -348,10 +345,8 @@ def build(dtype):
         """dph[t] = dhh * act'(h[t]):  ph = xw + y_prev W_yh^T,  h = act(ph).
         dhh: (B, H) dpy[t] @ W_hy (0 rows at padded steps);  h, dph: (T, B, H)."""
         B, H = dhh.shape
-        idx = cuda.grid(1)
-        if idx < B * H:
-            b = idx // H
-            j = idx - b * H
+        b, j = element(H)
+        if b < B:
             dph[t, b, j] = dhh[b, j] * activate_grad(act, h[t, b, j])
 
     return SimpleNamespace(step_forward=step_forward, step_backward=step_backward,

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import JordanCtx
+
 
 def sigmoid(x):
     # 1 / (1 + e^-x) without overflow for large |x|
@@ -138,18 +140,6 @@ def backward(ctx, dy, dstate_n):
     return dgx, dgh, dstate0
 
 
-@dataclass
-class JordanCtx:
-    valid: np.ndarray   # (T, B, 1) bool
-    w_yh: np.ndarray    # (H, O)
-    w_hy: np.ndarray    # (O, H)
-    act: str
-    out_act: str
-    y0: np.ndarray      # (B, O)
-    h: np.ndarray       # (T, B, H)
-    y: np.ndarray       # (T, B, O)
-
-
 def jordan_forward(xw, w_yh, w_hy, b_y, y0, lengths, act, out_act, training=True):
     T, B, H = xw.shape
     valid = valid_mask(lengths, T)
@@ -165,16 +155,17 @@ def jordan_forward(xw, w_yh, w_hy, b_y, y0, lengths, act, out_act, training=True
         state = np.where(m, y_t, state)
     if not training:
         return y, state, None
-    return y, state, JordanCtx(valid, w_yh, w_hy, act, out_act, y0, hs, y)
+    return y, state, JordanCtx(lengths, w_yh, w_hy, act, out_act, y0, hs, y)
 
 
 def jordan_backward(ctx, dy, dy_n):
     T = ctx.y.shape[0]
+    valid = valid_mask(ctx.lengths, T)
     dph = np.zeros(ctx.h.shape, ctx.h.dtype)
     dpy = np.zeros(ctx.y.shape, ctx.y.dtype)
     dstate = dy_n.copy()
     for t in range(T - 1, -1, -1):
-        m = ctx.valid[t]
+        m = valid[t]
         # y_t feeds the loss (dy) and the next step (dstate)
         dy_t = dstate + np.where(m, dy[t], 0)
         dpy[t] = np.where(m, dy_t * act_grad(ctx.out_act, ctx.y[t]), 0)        # y = out_act(py)

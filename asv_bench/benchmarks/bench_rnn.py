@@ -17,14 +17,22 @@ def dims(size):
     return tuple(int(v) for v in size.split(","))
 
 
-class Layer:
+class Sized:
+    """The parameter grid every benchmark here runs over; setup skips GPU backends without a GPU."""
     params = (BACKENDS, CELLS, SIZES)
     param_names = ("backend", "cell", "T,B,H")
     timeout = 300
+    repeats = 5
 
     def setup(self, backend, cell, size):
         check_backend(backend)
-        T, B, H = dims(size)
+        self.T, self.B, self.H = dims(size)
+
+
+class Layer(Sized):
+    def setup(self, backend, cell, size):
+        super().setup(backend, cell, size)
+        T, B, H = self.T, self.B, self.H
         self.forward = bench.make_ours(backend, cell, T, B, H, train=False)
         self.train_step = bench.make_ours(backend, cell, T, B, H, train=True)
         self.forward()
@@ -40,16 +48,11 @@ class Layer:
         self.train_step()
 
 
-class Throughput:
+class Throughput(Sized):
     """GFLOP/s of a training step (GEMM FLOPs, see gpurnn.bench.gemm_flops)."""
-    params = (BACKENDS, CELLS, SIZES)
-    param_names = ("backend", "cell", "T,B,H")
-    timeout = 300
-    repeats = 5
 
     def setup(self, backend, cell, size):
-        check_backend(backend)
-        self.T, self.B, self.H = dims(size)
+        super().setup(backend, cell, size)
         self.ours = bench.make_ours(backend, cell, self.T, self.B, self.H)
 
     def track_gflops(self, backend, cell, size):
@@ -58,20 +61,15 @@ class Throughput:
     track_gflops.unit = "GFLOP/s"
 
 
-class VersusTorch:
+class VersusTorch(Sized):
     """torch's time over ours for one training step, timed alternately in one process (> 1: we are faster)."""
-    params = (BACKENDS, CELLS, SIZES)
-    param_names = ("backend", "cell", "T,B,H")
-    timeout = 300
-    repeats = 5
 
     def setup(self, backend, cell, size):
-        check_backend(backend)
-        T, B, H = dims(size)
-        self.peer = bench.make_peer(backend, cell, T, B, H)
+        super().setup(backend, cell, size)
+        self.peer = bench.make_peer(backend, cell, self.T, self.B, self.H)
         if self.peer is None:
             raise NotImplementedError("torch is not installed")
-        self.ours = bench.make_ours(backend, cell, T, B, H)
+        self.ours = bench.make_ours(backend, cell, self.T, self.B, self.H)
 
     def track_speedup_vs_torch(self, backend, cell, size):
         ours, peer = bench.time_alternating([self.ours, self.peer], self.repeats)
