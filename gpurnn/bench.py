@@ -218,6 +218,8 @@ def add_arguments(parser):
                         help="training step, forward only (no saved activations), or both")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak RSS of one training step, each side in a fresh process (CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the comparison, split our training step into its parts (numpy backend)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
@@ -238,6 +240,26 @@ def format_table(result):
     return "\n".join(lines)
 
 
+def print_profiles(args):
+    from .profile import format_profile, profile_step
+    if args.backend != "numpy":
+        print("gpurnn bench: error: --profile times the numpy backend's parts; drop --backend", file=sys.stderr)
+        return 2
+    result = dict(device=device_name("numpy"), numpy=np.__version__, repeats=args.repeats, profiles=[])
+    for cell in args.cells:
+        for T, B, H in args.sizes:
+            parts = profile_step(cell, T, B, H, args.repeats)
+            result["profiles"].append(dict(cell=cell, T=T, B=B, H=H, parts=[dict(part=n, ms=ms, gflop=g)
+                                                                               for n, ms, g in parts]))
+            if not args.json:
+                print(format_profile(cell, T, B, H, parts), flush=True)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"device: {result['device']}, NumPy {result['numpy']}, median of {args.repeats}")
+    return 0
+
+
 def main(argv=None):
     args = add_arguments(argparse.ArgumentParser(prog="gpurnn bench", description=__doc__.splitlines()[0])).parse_args(argv)
     if args.repeats < 1:
@@ -248,6 +270,8 @@ def main(argv=None):
         if not gpu_available():
             print(f"gpurnn bench: error: backend {args.backend!r} needs a GPU and none is available", file=sys.stderr)
             return 2
+    if args.profile:
+        return print_profiles(args)
     torch = torch_or_none()
     modes = ("train", "inference") if args.mode == "both" else (args.mode,)
     rows = run(args.backend, args.cells, args.sizes, args.repeats, modes, args.memory)
