@@ -52,15 +52,12 @@ def numba_cuda_usable():
 
 
 def available():
-    """Names of the backends that can run here, fastest first for their device."""
-    names = []
+    """Names of the backends that can run here, the default first for its device."""
     if gpu_available():
-        names += [b for b in (GPU_DEFAULT, "cupy", "numba") if b not in names]
-        if not numba_cuda_usable():
-            names.remove("numba")
-    elif cuda_simulator():
-        names.append("numba")
-    return names + ["numpy"]
+        gpu = [b for b in dict.fromkeys((GPU_DEFAULT, "cupy", "numba")) if b != "numba" or numba_cuda_usable()]
+    else:
+        gpu = ["numba"] if cuda_simulator() else []
+    return gpu + ["numpy"]
 
 
 def array_device(a):
@@ -88,6 +85,14 @@ def xp_for(device):
 def array_module(a):
     """numpy for NumPy arrays, cupy for CuPy arrays."""
     return np if isinstance(a, np.ndarray) else xp_for("cuda")
+
+
+def to_host(a, copy=False):
+    """A NumPy array of `a`'s values: CuPy arrays are copied to the host, anything else goes through NumPy
+    (a copy only when `copy`)."""
+    if hasattr(a, "get"):
+        return a.get()
+    return np.array(a) if copy else np.asarray(a)
 
 
 def as_array(a, device, name):

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from .backend import array_device, as_array, xp_for
+from .backend import array_device, as_array, to_host, xp_for
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -76,7 +76,7 @@ def lengths(lengths, batch, steps, device):
     xp = xp_for(device)
     if lengths is None:
         return xp.full((batch,), steps, dtype=np.int32), False
-    host = np.asarray(lengths.get() if hasattr(lengths, "get") else lengths)
+    host = to_host(lengths)
     if host.dtype.kind not in "iu":
         raise TypeError(f"lengths must be integers, got dtype {host.dtype.name}")
     if host.shape != (batch,):
@@ -84,3 +84,26 @@ def lengths(lengths, batch, steps, device):
     if host.min() < 1 or host.max() > steps:
         raise ValueError(f"lengths must lie in 1..{steps} (T), got min {host.min()} and max {host.max()}")
     return xp.asarray(host.astype(np.int32)), bool((host < steps).any())
+
+
+def check_ctx(ctx, owner, kind):
+    """`ctx` when it is a `kind` made by `owner`'s forward; TypeError or ValueError saying what it is instead."""
+    name = type(owner).__name__
+    if not isinstance(ctx, kind):
+        raise TypeError(f"ctx must be the ctx returned by this {name}'s forward(training=True), "
+                        f"got {type(ctx).__name__}")
+    if ctx.owner is not owner:
+        raise ValueError(f"ctx comes from another layer's forward; pass the ctx this {name} returned")
+    return ctx
+
+
+def mapping_problems(expected, mapping, label=None):
+    """Each way `mapping` (name -> array-like) misses `expected` (name -> array): missing keys, unexpected keys,
+    entries of another shape; [] when it matches. `label` names the mapping in every line."""
+    head, entry = (f"{label}: ", lambda k: f"{label}[{k}]") if label else ("", str)
+    missing = [k for k in expected if k not in mapping]
+    unexpected = [k for k in mapping if k not in expected]
+    return ([f"{head}missing keys: {', '.join(missing)}"] if missing else []) + \
+        ([f"{head}unexpected keys: {', '.join(unexpected)}"] if unexpected else []) + \
+        [f"{entry(k)}: expected shape {tuple(p.shape)}, got {tuple(np.shape(mapping[k]))}"
+         for k, p in expected.items() if k in mapping and tuple(np.shape(mapping[k])) != tuple(p.shape)]

@@ -228,12 +228,11 @@ class Reporter:
 
 
 def plot_losses(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure          # no pyplot: renders with Agg, leaves the global backend alone
     steps = [s["step"] for s in history]
     losses = np.array([s["loss"] for s in history])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(steps, losses, lw=0.6, alpha=0.5, label="batch")
     if len(losses) >= 20:
         k = 20
@@ -242,8 +241,7 @@ def plot_losses(history, path):
     ax.set_ylabel("loss (nats/char)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, format="png", dpi=100)
 
 
 def sample(args):

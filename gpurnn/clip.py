@@ -55,9 +55,9 @@ def clip_grad_norm(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     totals = {xp: vector_norm(xp.stack([vector_norm(g.ravel(), norm_type, xp) for g in gs]), norm_type, xp)
               for xp, gs in groups.items()}        # device scalars, no sync
     if len(totals) == 1:
-        (xp, total), = totals.items()
+        (total,) = totals.values()
     else:                                          # arrays on several devices: combine on the host
-        xp, total = np, vector_norm(np.array([float(t) for t in totals.values()]), norm_type, np)
+        total = vector_norm(np.array([float(t) for t in totals.values()]), norm_type, np)
     host_total = None
     if error_if_nonfinite:
         host_total = float(total)

@@ -7,6 +7,7 @@ forget gate (bias `forget_bias`, 1 as is common practice), and loses far less ov
 """
 import numpy as np
 
+from .kernels import GATES
 from .layers import LSTM, RNN
 
 CELLS = ("rnn_tanh", "lstm")
@@ -28,7 +29,7 @@ def gradient_flow_problem(cell, steps=65, hidden=32, recurrent_scale=1.0, seed=0
         raise ValueError(f"cell must be one of {', '.join(map(repr, CELLS))}; got {cell!r}")
     rng = np.random.default_rng(seed)
     layer = (LSTM if cell == "lstm" else RNN)(hidden, hidden, dtype="float64", seed=seed)
-    G = 4 if cell == "lstm" else 1
+    G = GATES[cell]
     H = layer.hidden_size
     p = layer.params
     p["weight_hh_l0"][...] = np.concatenate([recurrent_scale * orthogonal(H, rng) for _ in range(G)])  # (G*H, H)

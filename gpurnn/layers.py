@@ -141,11 +141,7 @@ class _Recurrent(Module):
 
     def backward(self, ctx, dy, dstate=None):
         """dx, dstate0. Accumulates into self.grads. dy like y; dstate like the returned state, or None."""
-        if not isinstance(ctx, LayerCtx):
-            raise TypeError(f"ctx must be the ctx returned by this layer's forward(training=True), "
-                            f"got {type(ctx).__name__}")
-        if ctx.owner is not self:
-            raise ValueError("ctx comes from another layer's forward; pass the ctx this layer returned")
+        checks.check_ctx(ctx, self, LayerCtx)
         xp = self.xp
         T, B = ctx.shape
         H, D = self.hidden_size, self.num_directions
@@ -268,11 +264,7 @@ class JordanRNN(Module):
 
     def backward(self, ctx, dy, dstate=None):
         """dx (T, B, I), dstate0 (1, B, O). Accumulates into self.grads."""
-        if not isinstance(ctx, LayerCtx):
-            raise TypeError(f"ctx must be the ctx returned by this layer's forward(training=True), "
-                            f"got {type(ctx).__name__}")
-        if ctx.owner is not self:
-            raise ValueError("ctx comes from another layer's forward; pass the ctx this layer returned")
+        checks.check_ctx(ctx, self, LayerCtx)
         xp, p = self.xp, self.params
         T, B = ctx.shape
         O, H = self.output_size, self.hidden_size

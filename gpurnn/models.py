@@ -10,6 +10,7 @@ Time-major shapes: x (T, B, I) or ids (T, B); state as the recurrent layer's (h,
 import numpy as np
 
 from . import checks
+from .backend import to_host
 from .layers import GRU, LSTM, RNN
 from .nn import Embedding, Linear
 
@@ -79,14 +80,9 @@ class SequenceModel:
     def load_state_dict(self, mapping):
         """Copy every parameter from `mapping`; checks all keys and shapes first, so a mismatch changes nothing."""
         own = {f"{name}.{k}": p for name, m in self.parts.items() for k, p in m.params.items()}
-        missing = [k for k in own if k not in mapping]
-        unexpected = [k for k in mapping if k not in own]
-        wrong = [f"{k}: expected shape {tuple(p.shape)}, got {tuple(np.shape(mapping[k]))}"
-                 for k, p in own.items() if k in mapping and tuple(np.shape(mapping[k])) != tuple(p.shape)]
-        if missing or unexpected or wrong:
-            parts = ([f"missing keys: {', '.join(missing)}"] if missing else []) + \
-                    ([f"unexpected keys: {', '.join(unexpected)}"] if unexpected else []) + wrong
-            raise ValueError(f"load_state_dict for {type(self).__name__}: " + "; ".join(parts))
+        problems = checks.mapping_problems(own, mapping)
+        if problems:
+            raise ValueError(f"load_state_dict for {type(self).__name__}: " + "; ".join(problems))
         for name, m in self.parts.items():
             m.load_state_dict({k: mapping[f"{name}.{k}"] for k in m.params})
 
@@ -134,22 +130,33 @@ def build_stack(input_size, hidden_size, output_size, cell, num_layers, embeddin
     return parts
 
 
-def stack_forward(parts, x, state, lengths, training):
+def embed_and_run(parts, x, state, lengths, training):
+    """[embedding ->] rnn: y (T, B, H), state_n, (embedding ctx or None, rnn ctx)."""
     ectx = None
     if "embedding" in parts:
         x, ectx = parts["embedding"].forward(x)                      # (T, B, E)
     y, state_n, rctx = parts["rnn"].forward(x, state, lengths, training)   # (T, B, H)
-    out, hctx = parts["head"].forward(y)                              # (T, B, O)
-    return out, state_n, ((ectx, rctx, hctx) if training else None)
+    return y, state_n, (ectx, rctx)
 
 
-def stack_backward(parts, ctx, dout, dstate):
-    ectx, rctx, hctx = ctx
-    dy = parts["head"].backward(hctx, dout)
+def run_and_embed_backward(parts, ctx, dy, dstate):
+    """Backward of embed_and_run: dx (None for ids), dstate0."""
+    ectx, rctx = ctx
     dx, dstate0 = parts["rnn"].backward(rctx, dy, dstate)
     if ectx is not None:
         dx = parts["embedding"].backward(ectx, dx)
     return dx, dstate0
+
+
+def stack_forward(parts, x, state, lengths, training):
+    y, state_n, ctx = embed_and_run(parts, x, state, lengths, training)
+    out, hctx = parts["head"].forward(y)                              # (T, B, O)
+    return out, state_n, ((ctx, hctx) if training else None)
+
+
+def stack_backward(parts, ctx, dout, dstate):
+    rctx, hctx = ctx
+    return run_and_embed_backward(parts, rctx, parts["head"].backward(hctx, dout), dstate)
 
 
 def stack_rollout(parts, token, state, steps, choose):
@@ -208,7 +215,7 @@ class CharLM(Tagger):
         xp = self.xp
 
         def draw(logits):                                             # (1, V) -> (1,)
-            z = np.asarray(logits.get() if hasattr(logits, "get") else logits, np.float64)[0] / temperature
+            z = to_host(logits).astype(np.float64)[0] / temperature
             p = np.exp(z - z.max())
             return xp.asarray([rng.choice(len(p), p=p / p.sum())])
 
@@ -221,7 +228,7 @@ class CharLM(Tagger):
         if n == 0:
             return ""
         ids, _ = stack_rollout(self.parts, token, state, n, draw)
-        return self.decode(ids.get() if hasattr(ids, "get") else ids)
+        return self.decode(to_host(ids))
 
 
 class Classifier(SequenceModel):
@@ -239,27 +246,21 @@ class Classifier(SequenceModel):
 
     def forward(self, x, state=None, lengths=None, training=True):
         """out (B, O), state_n, ctx."""
-        parts, xp = self.parts, self.xp
-        ectx = None
-        if "embedding" in parts:
-            x, ectx = parts["embedding"].forward(x)
-        y, state_n, rctx = self.rnn.forward(x, state, lengths, training)      # (T, B, H)
+        xp = self.xp
+        y, state_n, rctx = embed_and_run(self.parts, x, state, lengths, training)   # (T, B, H)
         T, B = y.shape[:2]
         last = xp.full(B, T - 1) if lengths is None else xp.asarray(lengths).astype(np.int64) - 1   # (B,)
-        out, hctx = parts["head"].forward(y[last, xp.arange(B)])              # (B, O)
-        return out, state_n, ((ectx, rctx, hctx, last, y.shape) if training else None)
+        out, hctx = self.parts["head"].forward(y[last, xp.arange(B)])              # (B, O)
+        return out, state_n, ((rctx, hctx, last, y.shape) if training else None)
 
     def backward(self, ctx, dout, dstate=None):
         """dx (None for ids), dstate0. dout: (B, O)."""
-        ectx, rctx, hctx, last, shape = ctx
+        rctx, hctx, last, shape = ctx
         xp = self.xp
         dlast = self.parts["head"].backward(hctx, dout)                        # (B, H)
         dy = xp.zeros(shape, self.dtype)                                       # (T, B, H): only last steps
         dy[last, xp.arange(shape[1])] = dlast
-        dx, dstate0 = self.rnn.backward(rctx, dy, dstate)
-        if ectx is not None:
-            dx = self.parts["embedding"].backward(ectx, dx)
-        return dx, dstate0
+        return run_and_embed_backward(self.parts, rctx, dy, dstate)
 
 
 class Decoder:

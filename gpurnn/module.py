@@ -1,8 +1,8 @@
 """Module: the live `params` / `grads` dicts, state dicts and device moves shared by every layer."""
 import numpy as np
 
-from .backend import array_device, as_array, xp_for
-from .checks import choice, float_dtype
+from .backend import array_device, as_array, to_host, xp_for
+from .checks import choice, float_dtype, mapping_problems
 
 
 class Module:
@@ -31,28 +31,17 @@ class Module:
 
     def state_dict(self):
         """Copies of the parameters, as NumPy arrays."""
-        return {k: (v.get() if hasattr(v, "get") else np.array(v)) for k, v in self.params.items()}
+        return {k: to_host(v, copy=True) for k, v in self.params.items()}
 
     def load_state_dict(self, mapping):
         """Copy `mapping` (name -> array-like) into the live parameters; all-or-nothing."""
-        missing = [k for k in self.params if k not in mapping]
-        unexpected = [k for k in mapping if k not in self.params]
-        values, problems = {}, []
-        for k, p in self.params.items():
-            if k not in mapping:
-                continue
-            v = mapping[k]
-            v = v.get() if hasattr(v, "get") else np.asarray(v) if array_device(v) == "cpu" else as_array(v, "cuda", k)
-            if tuple(v.shape) != tuple(p.shape):
-                problems.append(f"{k}: expected shape {tuple(p.shape)}, got {tuple(v.shape)}")
-            elif not np.issubdtype(v.dtype, np.number):
-                problems.append(f"{k}: expected numbers, got dtype {v.dtype}")
-            else:
-                values[k] = v
-        if missing or unexpected or problems:
-            parts = ([f"missing keys: {', '.join(missing)}"] if missing else []) + \
-                    ([f"unexpected keys: {', '.join(unexpected)}"] if unexpected else []) + problems
-            raise ValueError(f"load_state_dict for {type(self).__name__}: " + "; ".join(parts))
+        problems = mapping_problems(self.params, mapping)
+        values = {k: to_host(v) if array_device(v) == "cpu" or hasattr(v, "get") else as_array(v, "cuda", k)
+                  for k, v in mapping.items() if k in self.params}
+        problems += [f"{k}: expected numbers, got dtype {v.dtype}" for k, v in values.items()
+                     if not np.issubdtype(v.dtype, np.number)]
+        if problems:
+            raise ValueError(f"load_state_dict for {type(self).__name__}: " + "; ".join(problems))
         for k, v in values.items():
             self.params[k][...] = self.xp.asarray(v, dtype=self.dtype)
 
@@ -62,7 +51,7 @@ class Module:
         xp = xp_for(device)
         for d in (self.params, self.grads):
             for k, v in d.items():
-                d[k] = xp.asarray(v.get() if hasattr(v, "get") and device == "cpu" else v)
+                d[k] = to_host(v) if device == "cpu" else xp.asarray(v)
         self.device = device
         return self
 

@@ -19,12 +19,9 @@ class SavedCtx:
     saved: tuple
 
 
-def check_ctx(ctx, owner):
-    if not isinstance(ctx, SavedCtx):
-        raise TypeError(f"ctx must be the ctx returned by {type(owner).__name__}.forward, got {type(ctx).__name__}")
-    if ctx.owner is not owner:
-        raise ValueError(f"ctx comes from another {type(owner).__name__}'s forward; pass the ctx this one returned")
-    return ctx.saved
+def saved(ctx, owner):
+    """What `owner`'s forward saved in `ctx` (checked to be its own)."""
+    return checks.check_ctx(ctx, owner, SavedCtx).saved
 
 
 def float_input(a, name):
@@ -89,7 +86,7 @@ class Linear(Module):
 
     def backward(self, ctx, dy):
         """dx (..., I). dy: (..., O). Adds dW = dy^T x and db = sum dy into grads."""
-        (x,) = check_ctx(ctx, self)
+        (x,) = saved(ctx, self)
         dy = checks.array(dy, "dy", self.device, self.dtype, x.shape[:-1] + (self.out_features,))
         dy2d, x2d = dy.reshape(-1, self.out_features), x.reshape(-1, self.in_features)   # (N, O), (N, I)
         self.grads["weight"] += dy2d.T @ x2d
@@ -132,7 +129,7 @@ class Embedding(Module):
 
     def backward(self, ctx, dy):
         """None (ids take no gradient). dy: (..., E). Adds dW[v] = sum of dy over the positions holding id v."""
-        (ids,) = check_ctx(ctx, self)
+        (ids,) = saved(ctx, self)
         dy = checks.array(dy, "dy", self.device, self.dtype, ids.shape + (self.embedding_dim,))
         flat = ids.reshape(-1)                                   # (N,)
         dy2d = dy.reshape(-1, self.embedding_dim)                # (N, E)
@@ -153,7 +150,7 @@ class Loss:
 
     def backward(self, ctx, dloss=1.0):
         """dL/dpred, shaped like pred, for an upstream gradient `dloss` (a number) on the loss."""
-        (dpred,) = check_ctx(ctx, self)
+        (dpred,) = saved(ctx, self)
         try:
             dloss = float(dloss)
         except (TypeError, ValueError):

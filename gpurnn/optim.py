@@ -8,12 +8,8 @@ import math
 
 import numpy as np
 
-from .backend import array_module
-from .checks import number
-
-
-def to_host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
+from .backend import array_module, to_host
+from .checks import mapping_problems, number
 
 
 class Optimizer:
@@ -105,7 +101,7 @@ class Optimizer:
     def state_dict(self):
         """A plain, picklable dict: type, step count, hyper-parameters, and the buffers as NumPy arrays."""
         return {"type": type(self).__name__, "step": self.step_count, "hyper": dict(self.hyper),
-                "state": {buf: {k: to_host(self.buffer(buf, k, p)).copy() for k, p in self.named_params()}
+                "state": {buf: {k: to_host(self.buffer(buf, k, p), copy=True) for k, p in self.named_params()}
                           for buf in self.buffers()}}
 
     def load_state_dict(self, sd):
@@ -128,13 +124,7 @@ class Optimizer:
             problems.append(f"state buffers {sorted(sd['state'])}, expected {sorted(buffers)}")
         params = dict(self.named_params())
         for buf in buffers:
-            saved = sd["state"].get(buf, {})
-            if set(saved) != set(params):
-                problems.append(f"{buf}: parameter keys differ (missing {sorted(set(params) - set(saved))}, "
-                                f"unexpected {sorted(set(saved) - set(params))})")
-                continue
-            problems += [f"{buf}[{k}]: expected shape {tuple(p.shape)}, got {np.shape(saved[k])}"
-                         for k, p in params.items() if tuple(np.shape(saved[k])) != tuple(p.shape)]
+            problems += mapping_problems(params, sd["state"].get(buf, {}), buf)
         if problems:
             raise ValueError(f"load_state_dict for {type(self).__name__}: " + "; ".join(problems))
         self.hyper = hyper

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from . import checkpoint
-from .backend import array_module
+from .backend import array_module, to_host
 from .checks import NonFiniteError
 from .clip import clip_grad_norm, clip_grad_value
 
@@ -64,10 +64,6 @@ def windows(T, k1, k2):
     """(start, loss_from, end) of each TBPTT update over T steps."""
     ends = list(range(k1, T, k1)) + [T]
     return [(max(0, e - k2), prev, e) for prev, e in zip([0] + ends[:-1], ends)]
-
-
-def to_host(a):
-    return a.get() if hasattr(a, "get") else a
 
 
 def map_state(fn, state):
@@ -291,7 +287,7 @@ class Trainer:
                     trainer=dict(step=self.step, updates=self.updates, skipped=self.skipped,
                                  rng=self.rng.bit_generator.state,
                                  sample_rng=None if sample_rng is None else sample_rng.bit_generator.state,
-                                 state=map_state(lambda s: np.array(to_host(s)), self.state),
+                                 state=map_state(lambda s: to_host(s, copy=True), self.state),
                                  history=list(self.history), tbptt=self.tbptt, stateful=self.stateful))
 
     def load_state_dict(self, sd):

@@ -255,6 +255,7 @@ def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True):
     ghT = np.empty((GH, B), np.float32)                    # W_hh h^T, the GEMM's fast layout
     gh = np.empty((B, GH), np.float32)                     # its transpose, what the step kernel reads
     y = np.empty((T, B, H), np.float32)
+    code = ACT_CODE.get(cell[4:])                          # Elman's activation
     c = cs = hn = None
     if cell == "lstm":
         c = np.array(state0[1], np.float32)
@@ -269,7 +270,7 @@ def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True):
         elif cell == "gru":
             gru_forward_step(g[t], gh, b_hh, lengths, t, hn[t if training else 0], h, y[t])
         else:
-            elman_forward_step(ACT_CODE[cell[4:]], g[t], gh, b_hh, lengths, t, h, y[t])
+            elman_forward_step(code, g[t], gh, b_hh, lengths, t, h, y[t])
     state_n = (h, c) if cell == "lstm" else (h,)
     if not training:
         return y, state_n, None
@@ -291,6 +292,7 @@ def backward(ctx, dy, dstate_n):
     dc_acc = np.array(dstate_n[1], np.float32) if cell == "lstm" else None
     dhT = np.empty((H, B), np.float32)                     # W_hh^T dG^T, the GEMM's fast layout
     dh_in = np.zeros((B, H), np.float32)                   # its transpose; nothing comes from beyond step T-1
+    code = ACT_CODE.get(cell[4:])                          # Elman's activation
     for t in range(T - 1, -1, -1):
         if cell == "lstm":
             c_prev = ctx.c[t - 1] if t > 0 else ctx.c0
@@ -299,7 +301,7 @@ def backward(ctx, dy, dstate_n):
             h_prev = ctx.y[t - 1] if t > 0 else ctx.h0
             gru_backward_step(ctx.gates[t], ctx.hn[t], h_prev, dy[t], lengths, t, dh_in, dh_acc, dgx[t], dgh[t])
         else:
-            elman_backward_step(ACT_CODE[cell[4:]], ctx.y[t], dy[t], lengths, t, dh_in, dh_acc, dgx[t])
+            elman_backward_step(code, ctx.y[t], dy[t], lengths, t, dh_in, dh_acc, dgx[t])
         np.matmul(w_t, dgh[t].T, out=dhT)
         np.copyto(dh_in, dhT.T)
     dh_acc += dh_in

@@ -138,9 +138,10 @@ def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto"):
         h = h0.copy()                                                     # (B, H) updated in place
         gh = xp.empty((B, GH), xw.dtype)                                  # h @ W_hh.T, reused every step
         h_d, gh_d = device_view(h), device_view(gh)
+        step = K.step_forward[blocks(B * H), threads(), stream]
         for t in range(T):
             xp.matmul(h, w_hh.T, out=gh)
-            K.step_forward[blocks(B * H), threads(), stream](code, act, t, d[0], gh_d, d[1], d[2], h_d, *d[3:])
+            step(code, act, t, d[0], gh_d, d[1], d[2], h_d, *d[3:])
     state_n = (h, c) if lstm else (h,)
     if not training:
         return y, state_n, None
@@ -168,8 +169,9 @@ def backward(ctx, dy, dstate_n):
     else:
         dhg = xp.zeros((B, H), dy.dtype)                                  # dG_{t+1} @ W_hh, reused every step
         dhg_d = device_view(dhg)
+        step = K.step_backward[blocks(B * H), threads(), stream]
         for t in range(T - 1, -1, -1):
-            K.step_backward[blocks(B * H), threads(), stream](code, ctx.act, t, dhg_d, *d)
+            step(code, ctx.act, t, dhg_d, *d)
             xp.matmul(dgh[t], ctx.w_hh, out=dhg)
         dh += dhg
     dstate0 = (dh, dc) if ctx.cell == "lstm" else (dh,)
@@ -191,11 +193,14 @@ def jordan_forward(xw, w_yh, w_hy, b_y, y0, lengths, act, out_act, training=True
     stream = launch_stream()
     xw_d, hy_d, py_d, h_d, y_d, st_d, len_d, by_d = (device_view(a) for a in (xw, hy, py, h, y, state, lengths,
                                                                                 xp.ascontiguousarray(b_y)))
+    hidden = K.jordan_hidden[blocks(B * H), threads(), stream]
+    output = K.jordan_output[blocks(B * O), threads(), stream]
+    act_code, out_code = ACT_CODES[act], ACT_CODES[out_act]
     for t in range(T):
         xp.matmul(state, w_yh.T, out=hy)
-        K.jordan_hidden[blocks(B * H), threads(), stream](ACT_CODES[act], t, xw_d, hy_d, len_d, h_d)
+        hidden(act_code, t, xw_d, hy_d, len_d, h_d)
         xp.matmul(h[t], w_hy.T, out=py)
-        K.jordan_output[blocks(B * O), threads(), stream](ACT_CODES[out_act], t, py_d, by_d, len_d, y_d, st_d)
+        output(out_code, t, py_d, by_d, len_d, y_d, st_d)
     if not training:
         return y, state, None
     return y, state, JordanCtx(lengths, w_yh, w_hy, act, out_act, y0, h, y)
@@ -216,10 +221,12 @@ def jordan_backward(ctx, dy, dy_n):
     stream = launch_stream()
     dy_d, y_d, h_d, len_d, carry_d, dsum_d, dhh_d, dph_d, dpy_d = (
         device_view(a) for a in (dy, ctx.y, ctx.h, ctx.lengths, carry, dsum, dhh, dph, dpy))
+    output = K.jordan_output_backward[blocks(B * O), threads(), stream]
+    hidden = K.jordan_hidden_backward[blocks(B * H), threads(), stream]
+    act_code, out_code = ACT_CODES[ctx.act], ACT_CODES[ctx.out_act]
     for t in range(T - 1, -1, -1):
-        K.jordan_output_backward[blocks(B * O), threads(), stream](ACT_CODES[ctx.out_act], t, dy_d, y_d, len_d, carry_d,
-                                                                    dsum_d, dpy_d)
+        output(out_code, t, dy_d, y_d, len_d, carry_d, dsum_d, dpy_d)
         xp.matmul(dpy[t], ctx.w_hy, out=dhh)
-        K.jordan_hidden_backward[blocks(B * H), threads(), stream](ACT_CODES[ctx.act], t, dhh_d, h_d, dph_d)
+        hidden(act_code, t, dhh_d, h_d, dph_d)
         xp.matmul(dph[t], ctx.w_yh, out=dsum)
     return dph, dpy, carry + dsum
