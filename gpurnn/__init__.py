@@ -1,5 +1,43 @@
 """gpurnn: fused recurrent-network kernels with hand-written backpropagation through time."""
-from .layers import GRU, LSTM, RNN, JordanRNN
+import importlib
+import importlib.util
+import os
+import sys
+
+
+def _source_tree_kernels():
+    """Run from a source checkout (the repository root on sys.path), `gpurnn/` has no `kernels/` inside: the
+    installed package maps `gpurnn.kernels` to the top-level `kernels/` folder, so do the same here. An installed
+    or editable package never takes this path."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isdir(os.path.join(here, "kernels")) or "gpurnn.kernels" in sys.modules:
+        return
+    init = os.path.join(os.path.dirname(here), "kernels", "__init__.py")
+    if not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location("gpurnn.kernels", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpurnn.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_source_tree_kernels()
+
+from .layers import GRU, LSTM, RNN, JordanRNN  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["RNN", "LSTM", "GRU", "JordanRNN"]
+
+# Submodules reachable as attributes (`gpurnn.nn.Linear`), imported on first use so `import gpurnn` stays light.
+_LAZY = ("nn", "optim", "models", "clip", "trainer", "tasks", "checkpoint", "diagnostics", "backend", "bench")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'gpurnn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
