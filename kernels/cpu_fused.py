@@ -8,8 +8,9 @@ Layout: the recurrent GEMM runs feature-major, ``W_hh (G*H, H) @ h^T (H, B) -> (
 1.4x the batch-major one here). One strided copy turns that block batch-major, so the step kernels run over
 contiguous rows and vectorise; every buffer is allocated once per sweep, nothing per step. The activated gates overwrite ``xw`` in place (it is what backward reads).
 
-Activations are float32 rational approximations (|error| < 3e-7) that vectorise; sigmoid(x) = (1 + tanh(x/2)) / 2
-as in the reference. Backward forms activation derivatives from the saved outputs, like the reference.
+Activations: tanh and sigmoid in float32 arithmetic that vectorises, within 1.2 ulp and monotone (see below); relu
+passes NaN on. Backward forms activation derivatives from the saved outputs, like the reference: exactly 0 where
+tanh is +-1 and sigmoid 0 or 1.
 """
 import math
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ ONE, ZERO = np.float32(1), np.float32(0)
 # rounded value is; NaN in, NaN out; +-Inf give the limits.
 # Compiled apart from the FAST kernels with IEEE semantics (reassociation would undo the rounding trick and the
 # exact residuals); LLVM inlines them into the step kernels' loops, which still vectorise.
-exact = njit(error_model="numpy", cache=True, nogil=True)
+exact = njit(fastmath=False, error_model="numpy", cache=True, nogil=True)   # set: not inherited from a caller
 F32 = np.float32
 INV_LN2_LOW = F32(1.44269504088896341 * (1 - 2.0 ** -16))   # 1 / ln2, a little low: n never exceeds floor(a / ln2)
 LN2_HI, LN2_LO = F32(0.693145751953125), F32(1.42860682030941723212e-06)   # ln2 = HI + LO, n HI exact for n < 2^8

@@ -35,13 +35,13 @@ ORACLE = {"tanh": tanh64, "sigmoid": sigmoid64}
 CODE = {"tanh": 0, "relu": 1, "sigmoid": 2}
 
 
-@njit
+@njit(fastmath=cpu_fused.FAST)        # the step kernels' flags: act and act_grad are inlined under them
 def fused_act(code, x, out):
     for i in range(x.size):
         out[i] = cpu_fused.act(code, x[i])
 
 
-@njit
+@njit(fastmath=cpu_fused.FAST)
 def fused_act_grad(code, y, out):
     for i in range(y.size):
         out[i] = cpu_fused.act_grad(code, y[i])
