@@ -6,7 +6,11 @@ Every model follows the layers' style: `out, state_n, ctx = model.forward(x, ...
 `modules()` lists the sub-modules for an optimizer; `state_dict()` / `load_state_dict()` cover all of them;
 `config` is the dict `build_model(config)` turns back into the same model (a checkpoint stores it).
 Time-major shapes: x (T, B, I) or ids (T, B); state as the recurrent layer's (h, or (h, c) for the LSTM).
+A model's ctx serves one backward unless forward had `retain=True`; a backward that raised leaves it usable (the
+parts it had already run may have added to their `grads`, which the trainer zeroes after a failed window).
 """
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import checks
@@ -24,6 +28,27 @@ def make_rnn(cell, input_size, hidden_size, num_layers, dtype, backend, seed):
     if cell.startswith("rnn_"):
         return RNN(input_size, hidden_size, nonlinearity=cell[4:], **kwargs)
     return (LSTM if cell == "lstm" else GRU)(input_size, hidden_size, **kwargs)
+
+
+@dataclass
+class ModelCtx:
+    """What a model's forward leaves for its backward: its parts' ctxs (made with retain=True, so only the model's
+    own ctx counts backward runs) and whatever else backward reads."""
+    owner: object
+    saved: tuple
+    retain: bool = False    # backward may run more than once on it
+    used: bool = False      # a backward has run on it
+
+
+def model_ctx(model, saved, training, retain):
+    return ModelCtx(model, saved, retain) if training else None
+
+
+def run_backward(model, ctx, backward):
+    """backward(saved) for a model's ctx, checked and marked used once backward has returned."""
+    out = backward(checks.check_ctx(ctx, model, ModelCtx).saved)
+    ctx.used = True
+    return out
 
 
 def sub_seeds(seed, n):
@@ -108,13 +133,14 @@ class Tagger(SequenceModel):
         super().__init__(config, build_stack(input_size, hidden_size, output_size, cell, num_layers,
                                              embedding_dim, dtype, backend, seed))
 
-    def forward(self, x, state=None, lengths=None, training=True):
+    def forward(self, x, state=None, lengths=None, training=True, retain=False):
         """out (T, B, O), state_n, ctx."""
-        return stack_forward(self.parts, x, state, lengths, training)
+        out, state_n, ctx = stack_forward(self.parts, x, state, lengths, training)
+        return out, state_n, model_ctx(self, ctx, training, retain)
 
     def backward(self, ctx, dout, dstate=None):
         """dx (None for ids), dstate0. dout: (T, B, O)."""
-        return stack_backward(self.parts, ctx, dout, dstate)
+        return run_backward(self, ctx, lambda saved: stack_backward(self.parts, saved, dout, dstate))
 
 
 def build_stack(input_size, hidden_size, output_size, cell, num_layers, embedding_dim, dtype, backend, seed):
@@ -131,11 +157,12 @@ def build_stack(input_size, hidden_size, output_size, cell, num_layers, embeddin
 
 
 def embed_and_run(parts, x, state, lengths, training):
-    """[embedding ->] rnn: y (T, B, H), state_n, (embedding ctx or None, rnn ctx)."""
+    """[embedding ->] rnn: y (T, B, H), state_n, (embedding ctx or None, rnn ctx). Here and below, the parts'
+    ctxs are retained: the model's own ctx says when they are used up."""
     ectx = None
     if "embedding" in parts:
-        x, ectx = parts["embedding"].forward(x)                      # (T, B, E)
-    y, state_n, rctx = parts["rnn"].forward(x, state, lengths, training)   # (T, B, H)
+        x, ectx = parts["embedding"].forward(x, retain=True)                           # (T, B, E)
+    y, state_n, rctx = parts["rnn"].forward(x, state, lengths, training, retain=True)   # (T, B, H)
     return y, state_n, (ectx, rctx)
 
 
@@ -150,7 +177,7 @@ def run_and_embed_backward(parts, ctx, dy, dstate):
 
 def stack_forward(parts, x, state, lengths, training):
     y, state_n, ctx = embed_and_run(parts, x, state, lengths, training)
-    out, hctx = parts["head"].forward(y)                              # (T, B, O)
+    out, hctx = parts["head"].forward(y, retain=True)                 # (T, B, O)
     return out, state_n, ((ctx, hctx) if training else None)
 
 
@@ -244,18 +271,21 @@ class Classifier(SequenceModel):
         super().__init__(config, build_stack(input_size, hidden_size, output_size, cell, num_layers,
                                              embedding_dim, dtype, backend, seed))
 
-    def forward(self, x, state=None, lengths=None, training=True):
+    def forward(self, x, state=None, lengths=None, training=True, retain=False):
         """out (B, O), state_n, ctx."""
         xp = self.xp
         y, state_n, rctx = embed_and_run(self.parts, x, state, lengths, training)   # (T, B, H)
         T, B = y.shape[:2]
         last = xp.full(B, T - 1) if lengths is None else xp.asarray(lengths).astype(np.int64) - 1   # (B,)
-        out, hctx = self.parts["head"].forward(y[last, xp.arange(B)])              # (B, O)
-        return out, state_n, ((rctx, hctx, last, y.shape) if training else None)
+        out, hctx = self.parts["head"].forward(y[last, xp.arange(B)], retain=True)  # (B, O)
+        return out, state_n, model_ctx(self, (rctx, hctx, last, y.shape), training, retain)
 
     def backward(self, ctx, dout, dstate=None):
         """dx (None for ids), dstate0. dout: (B, O)."""
-        rctx, hctx, last, shape = ctx
+        return run_backward(self, ctx, lambda saved: self._backward(saved, dout, dstate))
+
+    def _backward(self, saved, dout, dstate):
+        rctx, hctx, last, shape = saved
         xp = self.xp
         dlast = self.parts["head"].backward(hctx, dout)                        # (B, H)
         dy = xp.zeros(shape, self.dtype)                                       # (T, B, H): only last steps
@@ -311,19 +341,22 @@ class Generator(SequenceModel):
     def initial_state(self, v):
         """state0 from v (B, I): h0 (L, B, H) = tanh(v W^T + b), c0 = 0."""
         L, H = self.rnn.num_layers, self.rnn.hidden_size
-        pre, ictx = self.parts["init"].forward(v)                               # (B, L*H)
+        pre, ictx = self.parts["init"].forward(v, retain=True)                  # (B, L*H)
         h0 = self.xp.ascontiguousarray(self.xp.tanh(pre).reshape(-1, L, H).transpose(1, 0, 2))   # (L, B, H)
         return lstm_state(self.config["cell"], h0, self.xp), (ictx, h0)
 
-    def forward(self, v, targets, training=True):
+    def forward(self, v, targets, training=True, retain=False):
         """logits (T, B, vocab_size), state_n, ctx."""
         state0, ictx = self.initial_state(v)
         out, state_n, dctx = self.decoder.forward(targets, state0, training)
-        return out, state_n, ((ictx, dctx) if training else None)
+        return out, state_n, model_ctx(self, (ictx, dctx), training, retain)
 
     def backward(self, ctx, dout, dstate=None):
         """dv (B, I), None. dout: (T, B, vocab_size)."""
-        (ictx, h0), dctx = ctx
+        return run_backward(self, ctx, lambda saved: self._backward(saved, dout, dstate))
+
+    def _backward(self, saved, dout, dstate):
+        (ictx, h0), dctx = saved
         dh0 = state_h(self.decoder.backward(dctx, dout, dstate))              # (L, B, H)
         # h0 = tanh(pre):  dpre = dh0 (1 - h0^2), laid back out as (B, L*H)
         dpre = (dh0 * (1 - h0 * h0)).transpose(1, 0, 2).reshape(h0.shape[1], -1)
@@ -352,19 +385,22 @@ class Seq2Seq(SequenceModel):
         self.decoder = Decoder(parts, tgt_vocab)
 
     def encode(self, src, src_lengths, training):
-        e, ectx = self.parts["src_embedding"].forward(src)                     # (S, B, E)
-        y, state, rctx = self.parts["encoder"].forward(e, None, src_lengths, training)
+        e, ectx = self.parts["src_embedding"].forward(src, retain=True)        # (S, B, E)
+        y, state, rctx = self.parts["encoder"].forward(e, None, src_lengths, training, retain=True)
         return state, (ectx, rctx, y.shape)
 
-    def forward(self, src, tgt, src_lengths=None, training=True):
+    def forward(self, src, tgt, src_lengths=None, training=True, retain=False):
         """logits (T, B, tgt_vocab), decoder state_n, ctx. tgt: (T, B) ids, < 0 for padding."""
         state, ectx = self.encode(src, src_lengths, training)
         out, state_n, dctx = self.decoder.forward(tgt, state, training)
-        return out, state_n, ((ectx, dctx) if training else None)
+        return out, state_n, model_ctx(self, (ectx, dctx), training, retain)
 
     def backward(self, ctx, dout, dstate=None):
         """None, None (ids take no gradient). dout: (T, B, tgt_vocab)."""
-        (ectx, rctx, shape), dctx = ctx
+        return run_backward(self, ctx, lambda saved: self._backward(saved, dout, dstate))
+
+    def _backward(self, saved, dout, dstate):
+        (ectx, rctx, shape), dctx = saved
         dstate_enc = self.decoder.backward(dctx, dout, dstate)
         de, _ = self.parts["encoder"].backward(rctx, self.xp.zeros(shape, self.dtype), dstate_enc)
         self.parts["src_embedding"].backward(ectx, de)

@@ -7,6 +7,7 @@ from .checks import choice, float_dtype, mapping_problems
 
 class Module:
     """Holds `params` (name -> array, edited in place by optimizers) and `grads` (same keys, accumulated)."""
+    check_finite = None    # NaN/Inf checks: True/False for this module, None follows checks.CHECK_FINITE
 
     def __init__(self, dtype, backend, seed):
         self.dtype = float_dtype(dtype)

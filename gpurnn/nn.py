@@ -14,9 +14,11 @@ from .module import Module
 
 @dataclass
 class SavedCtx:
-    """What one `forward` call leaves for its `backward`."""
+    """What one `forward` call leaves for its `backward`: private arrays, never the caller's."""
     owner: object
     saved: tuple
+    retain: bool = False    # backward may run more than once on it
+    used: bool = False      # a backward has run on it
 
 
 def saved(ctx, owner):
@@ -74,25 +76,34 @@ class Linear(Module):
         return (f"Linear({self.in_features}, {self.out_features}, bias={'bias' in self.params}, "
                 f"dtype={self.dtype.name}, device={self.device!r})")
 
-    def forward(self, x):
-        """y (..., O), ctx. x: (..., I)."""
-        x = checks.array(x, "x", self.device, self.dtype)
+    def forward(self, x, retain=False):
+        """y (..., O), ctx. x: (..., I). The ctx keeps a copy of x; it serves one backward unless `retain`.
+        NaN/Inf in x or the parameters, or an overflowing y, raise checks.NonFiniteError (see checks.CHECK_FINITE)."""
+        x = checks.array(x, "x", self.device, self.dtype, finite=checks.finite_checks(self))
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., {self.in_features}) (in_features last), got {tuple(x.shape)}")
+        checks.ensure_finite(self, self.params, lambda k: f"{k} contains NaN or Inf")
         y = x.reshape(-1, self.in_features) @ self.params["weight"].T       # (N, O)
         if "bias" in self.params:
             y += self.params["bias"]
-        return y.reshape(x.shape[:-1] + (self.out_features,)), SavedCtx(self, (x,))
+        checks.ensure_finite(self, {"y": y}, lambda _: "the output of Linear is not finite: overflow")
+        return y.reshape(x.shape[:-1] + (self.out_features,)), SavedCtx(self, (x.copy(),), retain)
 
     def backward(self, ctx, dy):
         """dx (..., I). dy: (..., O). Adds dW = dy^T x and db = sum dy into grads."""
         (x,) = saved(ctx, self)
-        dy = checks.array(dy, "dy", self.device, self.dtype, x.shape[:-1] + (self.out_features,))
+        dy = checks.array(dy, "dy", self.device, self.dtype, x.shape[:-1] + (self.out_features,),
+                          finite=checks.finite_checks(self))
         dy2d, x2d = dy.reshape(-1, self.out_features), x.reshape(-1, self.in_features)   # (N, O), (N, I)
-        self.grads["weight"] += dy2d.T @ x2d
+        new_grads = {"weight": dy2d.T @ x2d}
         if "bias" in self.params:
-            self.grads["bias"] += dy2d.sum(axis=0)
-        return (dy2d @ self.params["weight"]).reshape(x.shape)
+            new_grads["bias"] = dy2d.sum(axis=0)
+        dx = dy2d @ self.params["weight"]
+        checks.ensure_finite(self, {**new_grads, "x": dx}, lambda k: f"the gradient of {k} is not finite: overflow")
+        for k, g in new_grads.items():
+            self.grads[k] += g
+        ctx.used = True
+        return dx.reshape(x.shape)
 
 
 class Embedding(Module):
@@ -117,25 +128,30 @@ class Embedding(Module):
         return (f"Embedding({self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
                 f"dtype={self.dtype.name}, device={self.device!r})")
 
-    def forward(self, ids):
-        """y (..., E), ctx. ids: integer array of any shape, each in 0..V-1."""
+    def forward(self, ids, retain=False):
+        """y (..., E), ctx. ids: integer array of any shape, each in 0..V-1. The ctx keeps a copy of ids; it serves
+        one backward unless `retain`. NaN/Inf in the rows looked up raise checks.NonFiniteError."""
         ids = integer_input(ids, "ids", self.device)
         bad = (ids < 0) | (ids >= self.num_embeddings)
         if bool(bad.any()):
             values = sorted({int(v) for v in ids[bad].ravel()[:5].tolist()})
             raise ValueError(f"ids must lie in 0..{self.num_embeddings - 1} (num_embeddings), "
                              f"got out-of-range ids {values}")
-        return self.params["weight"][ids], SavedCtx(self, (ids,))
+        y = self.params["weight"][ids]
+        checks.ensure_finite(self, {"weight": y}, lambda k: f"{k} contains NaN or Inf (in the rows of ids)")
+        return y, SavedCtx(self, (ids.copy(),), retain)
 
     def backward(self, ctx, dy):
         """None (ids take no gradient). dy: (..., E). Adds dW[v] = sum of dy over the positions holding id v."""
         (ids,) = saved(ctx, self)
-        dy = checks.array(dy, "dy", self.device, self.dtype, ids.shape + (self.embedding_dim,))
+        dy = checks.array(dy, "dy", self.device, self.dtype, ids.shape + (self.embedding_dim,),
+                          finite=checks.finite_checks(self))
         flat = ids.reshape(-1)                                   # (N,)
         dy2d = dy.reshape(-1, self.embedding_dim)                # (N, E)
         if self.padding_idx is not None:
             dy2d = self.xp.where((flat == self.padding_idx)[:, None], 0, dy2d).astype(self.dtype, copy=False)
-        scatter_add(self.grads["weight"], flat, dy2d)
+        scatter_add(self.grads["weight"], flat, dy2d)     # finite dy: only a sum past float max could overflow
+        ctx.used = True
         return None
 
 

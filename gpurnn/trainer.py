@@ -183,16 +183,17 @@ class Trainer:
                 split_state = state_n
             else:
                 loss, state_n, split_state = self.truncated(inputs[0], target, state0, start, loss_from, end, split)
-            finite = math.isfinite(loss)
-        except NonFiniteError:
-            loss, state_n, split_state, finite = math.nan, None, None, False
+            finite, cause = math.isfinite(loss), None
+        except NonFiniteError as err:
+            loss, state_n, split_state, finite, cause = math.nan, None, None, False, err
         norm = clip_grad_norm(self.modules, self.clip_norm if self.clip_norm is not None else math.inf) \
             if finite else math.nan
         info = dict(step=self.step, update=self.updates, loss=loss, grad_norm=norm, window=(start, loss_from, end))
         if not (finite and math.isfinite(norm)):
             self.emit("on_nonfinite", info)
             if self.nan_policy == "raise":
-                raise NonFiniteError(f"step {self.step}: loss {loss}, gradient norm {norm} (nan_policy='raise')")
+                raise NonFiniteError(f"step {self.step}: loss {loss}, gradient norm {norm} (nan_policy='raise')"
+                                     + (f": {cause}" if cause else "")) from cause
             self.skipped += 1
             self.zero_grad()
             keep = (lambda s: s if s is not None and all_finite(s) else None)
