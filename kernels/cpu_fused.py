@@ -49,9 +49,9 @@ A_MAX = F32(110.0)                # 1 / (1 + e^a) rounds to 0 from 103.98 on; a 
 TANH_A_MAX = F32(40.0)            # tanh rounds to 1 from 9.01 on; 2|x| <= TANH_A_MAX keeps 2^(1-n) normal
 UNSCALE = F32(2.0 ** -64)         # sigmoid works with 2^64 / (1 + e^a), a normal float32 for every a <= A_MAX
 TANH_SMALL = F32(0.55)            # below: the odd polynomial; above: 1 - 2 / (1 + e^2|x|) (then tanh > 0.5)
-# q(r) ~ (e^r - 1) / r on [0, ln2 (1 + 2^-8)], least-squares fit on Chebyshev nodes: 1 + r q within 0.61 2^-24 e^r
-Q5, Q4, Q3, Q2, Q1, Q0 = (F32(v) for v in (0.0019501248394056634, 0.007789658929830052, 0.04191689388826049,
-                                           0.16660948670318276, 0.5000059245136503, 0.9999997981520907))
+# q(r) ~ (e^r - 1) / r on [0, ln2 (1 + 2^-8)], least-squares fit on Chebyshev nodes: 1 + r q within 0.57 2^-24 e^r
+Q5, Q4, Q3, Q2, Q1, Q0 = (F32(v) for v in (0.0019513999374820303, 0.007787333213802618, 0.04191845028500799,
+                                           0.16660902190470428, 0.5000059838156959, 0.9999997957582586))
 # (tanh x - x) / x^3 as a polynomial in x^2 on |x| <= TANH_SMALL, same fit (tanh within 1.26 ulp)
 T3, T2, T1, T0 = (F32(v) for v in (0.01641081536003305, -0.0526556027791566, 0.13320422641228552,
                                    -0.3333292992485407))
@@ -100,18 +100,17 @@ def exp_parts(a, bias):
 def sigmoid(x):
     """1 / (1 + e^-x) of a float32: y = 1 / (1 + e^|x|) for x < 0, 1 - y for x >= 0.
 
-    y = 2^-n / ((1 + 2^-n) + r q) in units of 2^-64 (normal down to the last subnormal result); the quotient's
-    rounding error and the denominator's are added back (the fma residual is exact), and the 2^-n that c dropped
-    for n >= 24 is taken out of the numerator, so y is rounded once (a subnormal once more, by the final scaling).
+    y = 2^-n / ((1 + 2^-n) + r q) in units of 2^-64 (normal down to the last subnormal result). The denominator's
+    rounding error (with the 2^-n that c = 1 + 2^-n drops for n >= 24) and the quotient's (exact, by an fma) are
+    added back, so y is rounded once (a subnormal once more, by the final scaling).
     """
     a = abs(x)
     a = A_MAX if a > A_MAX else a                          # NaN-preserving: NaN > c is False
     p, c, r, q = exp_parts(a, 64)
-    num = fma(-p, fma(p, UNSCALE, ONE - c), p)             # p (1 - (2^-n - (c - 1)))
     den = fma(r, q, c)
-    den_lo = fma(r, q, c - den)                            # den's rounding error (c - den is exact)
-    y = num / den
-    res = fma(-y, den_lo, fma(-y, den, num))               # num - y (den + den_lo); the inner fma is exact
+    den_lo = fma(r, q, (ONE - den) + p * UNSCALE)          # (1 + 2^-n + r q) - den; 1 - den is exact
+    y = p / den
+    res = fma(-y, den_lo, fma(-y, den, p))                 # p - y (den + den_lo); the inner fma is exact
     y = fma(res, fma(F32(-0.5), den, F32(1.5)), y) * UNSCALE   # y + res / den, 1.5 - den/2 ~ 1 / den
     return y if x < ZERO else ONE - y
 
