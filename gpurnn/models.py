@@ -283,8 +283,9 @@ class Decoder:
         prev = xp.concatenate([xp.full((1,) + targets.shape[1:], self.start, targets.dtype), targets[:-1]])
         return xp.where(prev < 0, self.start, prev)
 
-    def forward(self, targets, state0, training):
-        out, (state_n,), ctxs = chain_forward(self.blocks(), self.inputs(targets), [state0], None, training)
+    def forward(self, inputs, state0, training):
+        """logits, state_n, ctxs for inputs(targets)."""
+        out, (state_n,), ctxs = chain_forward(self.blocks(), inputs, [state0], None, training)
         return out, state_n, ctxs
 
     def backward(self, ctxs, dout, dstate):
@@ -328,8 +329,9 @@ class Generator(SequenceModel):
     def forward(self, v, targets, training=None):
         """logits (T, B, vocab_size), state_n, ctx."""
         training = self.is_training(training)
+        inputs = self.decoder.inputs(targets)
         state0, ictx = self.initial_state(v, training)
-        out, state_n, dctxs = self.decoder.forward(targets, state0, training)
+        out, state_n, dctxs = self.decoder.forward(inputs, state0, training)
         return out, state_n, (SavedCtx(self, (ictx, dctxs)) if training else None)
 
     def backward(self, ctx, dout, dstate=None):
@@ -374,8 +376,9 @@ class Seq2Seq(SequenceModel):
     def forward(self, src, tgt, src_lengths=None, training=None):
         """logits (T, B, tgt_vocab), decoder state_n, ctx. tgt: (T, B) ids, < 0 for padding."""
         training = self.is_training(training)
+        inputs = self.decoder.inputs(tgt)
         state, ectx = self.encode(src, src_lengths, training)
-        out, state_n, dctxs = self.decoder.forward(tgt, state, training)
+        out, state_n, dctxs = self.decoder.forward(inputs, state, training)
         return out, state_n, (SavedCtx(self, (ectx, dctxs)) if training else None)
 
     def backward(self, ctx, dout, dstate=None):
