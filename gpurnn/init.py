@@ -1,9 +1,10 @@
 """Weight initialisation of the recurrent layers (`init=`), drawn in float64 from the layer's seeded generator.
 
-| init             | weight_ih                    | weight_hh                                   | biases          |
-| "uniform"        | U(-1/sqrt(H), 1/sqrt(H))     | U(-1/sqrt(H), 1/sqrt(H))                    | same (PyTorch)  |
-| "xavier_uniform" | U(-a, a), a = sqrt(6 / (fan_in + fan_out)) of the whole matrix (torch.nn.init.xavier_uniform_) | same | 0 |
-| "orthogonal"     | xavier_uniform               | each (H, H) gate block orthogonal           | 0               |
+| init             | weight_ih                  | weight_hh                          | biases          |
+| "uniform"        | U(-1/sqrt(H), 1/sqrt(H))   | U(-1/sqrt(H), 1/sqrt(H))           | same (PyTorch)  |
+| "xavier_uniform" | xavier_uniform (below)     | xavier_uniform                     | 0               |
+| "orthogonal"     | xavier_uniform             | each (H, H) gate block orthogonal  | 0               |
+xavier_uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out)) of the whole matrix (torch.nn.init.xavier_uniform_).
 """
 import math
 
