@@ -73,6 +73,11 @@ def number(value, name, low=0.0, high=math.inf, low_open=False, high_open=False)
     return value
 
 
+def nonnegative(value, name):
+    """A finite number >= 0 (learning rates, weight decay, momentum, ...)."""
+    return number(value, name, 0.0, math.inf, high_open=True)
+
+
 def choice(value, name, options):
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")

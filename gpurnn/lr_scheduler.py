@@ -5,16 +5,19 @@ give the same learning rates; `state_dict()` / `load_state_dict()` resume a sche
 """
 import math
 
-from .checks import number, positive_int
+from .checks import nonnegative, positive_int
 
 
 class LRScheduler:
     """last_epoch counts the step() calls; base_lr is the optimizer's lr when the scheduler was made."""
-    HYPER = ()
+    HYPER = {}      # hyper-parameter name -> check(value, name) returning the value to keep
 
-    def __init__(self, optimizer):
+    def __init__(self, optimizer, **hyper):
+        checked = {k: self.HYPER[k](v, k) for k, v in hyper.items()}
         if not hasattr(optimizer, "hyper") or "lr" not in getattr(optimizer, "hyper", {}):
             raise TypeError(f"optimizer must be a gpurnn.optim optimizer, got {type(optimizer).__name__}")
+        for k, v in checked.items():
+            setattr(self, k, v)
         self.optimizer = optimizer
         self.base_lr = optimizer.lr
         self.last_epoch = 0
@@ -56,8 +59,8 @@ class LRScheduler:
         if sd["type"] != type(self).__name__:
             raise ValueError(f"sd was saved by {sd['type']}, not {type(self).__name__}")
         epoch = positive_int(sd["last_epoch"], "sd['last_epoch']", minimum=0)
-        lrs = {k: number(sd[k], f"sd[{k!r}]", 0.0, math.inf, high_open=True) for k in ("base_lr", "last_lr")}
-        hyper = {k: self.check(k, sd[k]) for k in self.HYPER}
+        lrs = {k: nonnegative(sd[k], f"sd[{k!r}]") for k in ("base_lr", "last_lr")}
+        hyper = {k: check(sd[k], k) for k, check in self.HYPER.items()}
         self.last_epoch = epoch
         self.base_lr, self.last_lr = lrs["base_lr"], lrs["last_lr"]
         for k, v in hyper.items():
@@ -66,17 +69,10 @@ class LRScheduler:
 
 class StepLR(LRScheduler):
     """lr times gamma every step_size steps."""
-    HYPER = ("step_size", "gamma")
+    HYPER = {"step_size": positive_int, "gamma": nonnegative}
 
     def __init__(self, optimizer, step_size, gamma=0.1):
-        self.step_size, self.gamma = self.check("step_size", step_size), self.check("gamma", gamma)
-        super().__init__(optimizer)
-
-    @staticmethod
-    def check(name, value):
-        if name == "step_size":
-            return positive_int(value, "step_size")
-        return number(value, name, 0.0, math.inf, high_open=True)
+        super().__init__(optimizer, step_size=step_size, gamma=gamma)
 
     def get_lr(self):
         lr = self.optimizer.lr
@@ -85,15 +81,10 @@ class StepLR(LRScheduler):
 
 class ExponentialLR(LRScheduler):
     """lr times gamma every step."""
-    HYPER = ("gamma",)
+    HYPER = {"gamma": nonnegative}
 
     def __init__(self, optimizer, gamma):
-        self.gamma = self.check("gamma", gamma)
-        super().__init__(optimizer)
-
-    @staticmethod
-    def check(name, value):
-        return number(value, name, 0.0, math.inf, high_open=True)
+        super().__init__(optimizer, gamma=gamma)
 
     def get_lr(self):
         return self.optimizer.lr * self.gamma
@@ -102,17 +93,10 @@ class ExponentialLR(LRScheduler):
 class CosineAnnealingLR(LRScheduler):
     """lr_t = eta_min + (base_lr - eta_min) (1 + cos(pi t / T_max)) / 2, computed recursively as torch does
     (continuing as a cosine wave after T_max)."""
-    HYPER = ("T_max", "eta_min")
+    HYPER = {"T_max": positive_int, "eta_min": nonnegative}
 
     def __init__(self, optimizer, T_max, eta_min=0.0):
-        self.T_max, self.eta_min = self.check("T_max", T_max), self.check("eta_min", eta_min)
-        super().__init__(optimizer)
-
-    @staticmethod
-    def check(name, value):
-        if name == "T_max":
-            return positive_int(value, "T_max")
-        return number(value, name, 0.0, math.inf, high_open=True)
+        super().__init__(optimizer, T_max=T_max, eta_min=eta_min)
 
     def get_lr(self):
         lr, t, T, eta = self.optimizer.lr, self.last_epoch, self.T_max, self.eta_min
@@ -132,4 +116,4 @@ class LambdaLR(LRScheduler):
 
     def get_lr(self):
         factor = self.lr_lambda(self.last_epoch)
-        return self.base_lr * number(factor, f"lr_lambda({self.last_epoch})", 0.0, math.inf, high_open=True)
+        return self.base_lr * nonnegative(factor, f"lr_lambda({self.last_epoch})")

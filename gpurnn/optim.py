@@ -11,13 +11,9 @@ import math
 import numpy as np
 
 from .backend import array_module, to_host, xp_for, array_device
-from .checks import flag, mapping_problems, number
+from .checks import flag, mapping_problems, nonnegative, number
 from .lr_scheduler import CosineAnnealingLR, ExponentialLR, LambdaLR, StepLR  # noqa: F401 (gpurnn.optim API)
 from .module import Module, Parameter
-
-
-def nonnegative(v, name):
-    return number(v, name, 0.0, math.inf, high_open=True)
 
 
 def unit(v, name):
