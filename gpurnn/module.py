@@ -205,6 +205,26 @@ class Module:
             p.data[...] = p.module.xp.asarray(v, dtype=p.data.dtype)
 
     # --- randomness ---
+    def rng_state(self):
+        """{dotted module name: its NumPy generator's state} over the tree (JSON-able). With the parameters, what
+        a resumed run needs to draw the same dropout masks on the CPU (a GPU generator is reseeded from it)."""
+        return {name: m.rng.bit_generator.state for name, m in self.named_modules()}
+
+    def load_rng_state(self, states):
+        """Restore what `rng_state` returned; all-or-nothing."""
+        own = dict(self.named_modules())
+        if not isinstance(states, dict) or set(states) != set(own):
+            raise ValueError(f"states must be a dict from rng_state() with keys {sorted(own)}")
+        for name, state in states.items():
+            try:
+                type(own[name].rng.bit_generator)().state = state
+            except (TypeError, ValueError, KeyError) as err:
+                raise ValueError(f"states[{name!r}] is not a {type(own[name].rng.bit_generator).__name__} "
+                                 f"state: {err}") from None
+        for name, state in states.items():
+            own[name].rng.bit_generator.state = state
+            own[name]._device_rng = None
+
     def dropout_mask(self, like, p):
         """An array shaped, typed and placed like `like`: 0 with probability p, else 1 / (1 - p). Drawn from the
         module's seeded NumPy generator on the CPU, from the array module's own generator (seeded once from it)

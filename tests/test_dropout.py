@@ -1,6 +1,7 @@
 """Dropout between stacked layers, the Dropout block and the models' dropout: gradients against finite
 differences with the masks held fixed, eval mode equal to dropout=0, the masks' statistics (the mean preserved),
 and the same masks and results on the Numba backend."""
+import json
 import math
 
 import numpy as np
@@ -181,3 +182,37 @@ def test_numba_backend_applies_the_same_masks():
 def test_one_layer_dropout_warns_like_torch():
     with pytest.warns(UserWarning, match="between stacked layers"):
         gpurnn.LSTM(3, 4, dropout=0.5)
+
+
+def test_rng_state_resumes_dropout_exactly():
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 6, (7, 4)), rng.integers(0, 6, (7, 4))) for _ in range(4)]
+    loss = nn.SoftmaxCrossEntropy()
+
+    def train(model, opt, data):
+        outs = []
+        for ids, target in data:
+            model.zero_grad()
+            out, _, ctx = model(ids)
+            value, lctx = loss(out, target)
+            model.backward(ctx, loss.backward(lctx))
+            opt.step()
+            outs.append(out)
+        return outs
+
+    model = models.CharLM("abcdef", hidden_size=5, num_layers=2, embedding_dim=3, dropout=0.5, seed=0)
+    opt = gpurnn.optim.Adam(model, lr=0.01)
+    train(model, opt, batches[:2])
+    saved = (model.config, model.state_dict(), opt.state_dict(), json.loads(json.dumps(model.rng_state())))
+    expect = train(model, opt, batches[2:])
+    clone = models.build_model(saved[0], seed=99)
+    clone.load_state_dict(saved[1])
+    clone_opt = gpurnn.optim.Adam(clone)
+    clone_opt.load_state_dict(saved[2])
+    clone.load_rng_state(saved[3])
+    for a, b in zip(train(clone, clone_opt, batches[2:]), expect):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="keys"):
+        clone.load_rng_state({"": saved[3][""]})
+    with pytest.raises(ValueError, match=r"states\['rnn'\] is not a PCG64 state"):
+        clone.load_rng_state({**saved[3], "rnn": {"bit_generator": "MT19937"}})
