@@ -30,7 +30,8 @@ __version__ = "0.1.0"
 __all__ = ["RNN", "LSTM", "GRU", "JordanRNN"]
 
 # Submodules reachable as attributes (`gpurnn.nn.Linear`), imported on first use so `import gpurnn` stays light.
-_LAZY = ("nn", "optim", "models", "clip", "trainer", "tasks", "checkpoint", "diagnostics", "backend", "bench")
+_LAZY = ("nn", "optim", "lr_scheduler", "models", "module", "sequential", "init", "clip", "trainer", "tasks",
+         "checkpoint", "diagnostics", "backend", "bench", "torch")
 
 
 def __getattr__(name):
