@@ -86,6 +86,11 @@ class SequenceModel:
         for name, m in self.parts.items():
             m.load_state_dict({k: mapping[f"{name}.{k}"] for k in m.params})
 
+    def save(self, path):
+        """Write config and weights to `path` (a .npz file, or a folder); `gpurnn.load(path)` rebuilds the model."""
+        from .checkpoint import save_model
+        return save_model(self, path)
+
 
 def lstm_state(cell, h, xp):
     """The layer's state for an initial h (L, B, H): h, or (h, zeros) for the LSTM."""

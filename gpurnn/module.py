@@ -45,6 +45,11 @@ class Module:
         for k, v in values.items():
             self.params[k][...] = self.xp.asarray(v, dtype=self.dtype)
 
+    def save(self, path):
+        """Write config and weights to `path` (a .npz file, or a folder); `gpurnn.load(path)` rebuilds it."""
+        from .checkpoint import save_model
+        return save_model(self, path)
+
     def to(self, device):
         """Move parameters and gradients to "cpu" or "cuda" (in the same dicts); returns self."""
         choice(device, "device", ("cpu", "cuda"))
