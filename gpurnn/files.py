@@ -8,7 +8,6 @@ import errno
 import glob
 import os
 import shutil
-import tempfile
 
 TMP_SUFFIX = ".gpurnn-tmp"
 LOCK_NAME = ".gpurnn.lock"
@@ -28,49 +27,49 @@ def fsync_dir(directory):
         os.close(fd)
 
 
-def new_file_mode():
-    """The mode open() gives a new file under the process umask (mkstemp's temp files get 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def temp_beside(path):
+    """A new, unused temp file name in the folder of `path`."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.{os.urandom(6).hex()}{TMP_SUFFIX}")
 
 
-def temp_in(directory, name):
-    """(fd, path) of a new temp file beside `name` in `directory`, with the mode of a newly created file."""
-    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=TMP_SUFFIX, dir=directory)
-    if hasattr(os, "fchmod"):
-        os.fchmod(fd, new_file_mode())
-    return fd, path
+def create(path):
+    """A new binary file at `path` (never an existing one), with the mode open() gives under the umask."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+
+
+def replace_with(target, fill):
+    """fill(tmp) makes a temp file beside `target`, which is then renamed over it and the folder fsynced; on any
+    error the temp file is removed and `target` keeps its old content. Returns target."""
+    tmp = temp_beside(target)
+    try:
+        fill(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(tmp))
+    return target
 
 
 def atomic_write(path, write):
-    """Call write(f) on a binary temp file beside `path`, then put it in place atomically; returns path.
-    On any error the temp file is removed and `path` keeps its old content."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = temp_in(directory, os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Call write(f) on a binary temp file beside `path`, flush and fsync it, then put it in place atomically."""
+    def fill(tmp):
+        with create(tmp) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
-    return path
+    return replace_with(os.fspath(path), fill)
 
 
 def atomic_copy(source, target):
     """Make `target` a copy of `source` atomically: a hard link when the filesystem has them (no data written,
-    so it works on a full disk), else a copied temp file."""
-    directory = os.path.dirname(os.path.abspath(target))
+    so it works on a full disk), else a copied and fsynced temp file."""
     if os.path.exists(target) and os.path.samefile(source, target):
         return              # already one file (a save killed after its copy); rename would leave the temp behind
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.urandom(6).hex()}{TMP_SUFFIX}")
-    try:
+
+    def fill(tmp):
         try:
             os.link(source, tmp)
         except OSError as e:
@@ -79,12 +78,7 @@ def atomic_copy(source, target):
             shutil.copyfile(source, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
+    replace_with(os.fspath(target), fill)
 
 
 def remove_stray_temps(directory):
@@ -103,13 +97,15 @@ def remove_stray_temps(directory):
 def check_writable(directory):
     """Create `directory` and write, fsync and delete a file in it; OSError (with the reason) when it cannot."""
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = temp_in(directory, "write-test")
+    tmp = temp_beside(os.path.join(directory, "write-test"))
     try:
-        os.write(fd, b"gpurnn")
-        os.fsync(fd)
+        with create(tmp) as f:
+            f.write(b"gpurnn")
+            f.flush()
+            os.fsync(f.fileno())
     finally:
-        os.close(fd)
-        os.unlink(tmp)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 class RunLock:
