@@ -204,6 +204,11 @@ class Module:
             p = own[k]
             p.data[...] = p.module.xp.asarray(v, dtype=p.data.dtype)
 
+    def save(self, path):
+        """Write config and weights to `path` (a .npz file, or a folder); `gpurnn.load(path)` rebuilds it."""
+        from .checkpoint import save_model
+        return save_model(self, path)
+
     # --- randomness ---
     def rng_state(self):
         """{dotted module name: its NumPy generator's state} over the tree (JSON-able). With the parameters, what
