@@ -28,7 +28,7 @@ import numpy as np
 
 ENV = "GPURNN_CUDA_HOST"
 INCLUDE = Path(__file__).parent / "host_include"
-FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread")
+FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-extern-tls-init", "-pthread")
 MAX_BLOCK = (1024, 1024, 64)                  # threads per block along x, y, z; 1024 in all
 MAX_GRID = (2 ** 31 - 1, 65535, 65535)
 MAX_COOPERATIVE_BLOCKS = 1024                 # a cooperative launch runs one OS thread per block
@@ -39,6 +39,7 @@ SCALARS = {"f4": np.float32, "f8": np.float64, "i1": np.int8, "i2": np.int16, "i
 SLOTS = {"f4": "f4x", "f8": "d", "i1": "b7x", "i2": "h6x", "i4": "i4x", "i8": "q", "u1": "B7x", "u2": "H6x",
          "u4": "I4x", "u8": "Q", "b1": "?7x"}    # every argument in an 8-byte slot, value first
 DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?P<decl>[^;\[]+?)\s*\b(?P<name>[A-Za-z_]\w*)\s*\[\s*\]\s*;")
+ALIGN = re.compile(r"__align__\s*\(\s*\d+\s*\)")
 
 launched = collections.Counter()              # name expression -> launches in this process
 
@@ -54,15 +55,17 @@ class CompileError(RuntimeError):
 
 
 def translation_unit(code, names):
-    """The C++ the host compiles: the shim, the code as given, its extern __shared__ arrays, one launcher and one
-    signature function per name expression (gpurnn_launch_<i>, gpurnn_signature_<i>)."""
+    """The C++ the host compiles: the shim; the code's extern __shared__ arrays, defined before it (so each is a
+    known thread_local of the shim's maximum size, of a built-in or shim type); the code as given; one launcher
+    and one signature function per name expression (gpurnn_launch_<i>, gpurnn_signature_<i>)."""
     dynamic = {m["name"]: m["decl"] for m in DYNAMIC_SHARED.finditer(code)}
-    out = ['#include "cuda_host.h"', '#line 1 "kernels.cu"', code, '#line 1 "cuda_host_launchers.cpp"']
-    out += [f"__shared__ {decl} {name}[gpurnn_host::kDynamicSharedMax / sizeof({name}[0])];"
+    out = ['#include "cuda_host.h"']
+    out += [f"__shared__ {decl} {name}[gpurnn_host::kDynamicSharedMax / sizeof({ALIGN.sub('', decl)})];"
             for name, decl in dynamic.items()]
     entries = ", ".join(f"{{+[]() -> void* {{ return (void*){name}; }}}}" for name in dynamic) or "{nullptr}"
     out += ["namespace gpurnn_host {", f"const DynamicShared dynamic_shared[] = {{{entries}}};",
-            f"const unsigned dynamic_shared_count = {len(dynamic)};", "}"]
+            f"const unsigned dynamic_shared_count = {len(dynamic)};", "}",
+            '#line 1 "kernels.cu"', code, '#line 1 "cuda_host_launchers.cpp"']
     for i, name in enumerate(names):
         out += [f"GPURNN_EXPORT int gpurnn_launch_{i}(const unsigned* grid, const unsigned* block, size_t shared, "
                 f"int cooperative, void** args) {{ return gpurnn_host::launch(&{name}, grid, block, shared, "

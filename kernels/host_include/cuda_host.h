@@ -101,8 +101,9 @@ struct Context {
 };
 
 inline Context* current() {     // the running fiber: the base of the region holding the stack pointer
-    char probe;
-    return reinterpret_cast<Context*>(reinterpret_cast<uintptr_t>(&probe) & ~uintptr_t(kRegion - 1));
+    uintptr_t sp = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+    asm("" : "+r"(sp));         // launder: an address on this stack, not a pointer into any object of the frame
+    return reinterpret_cast<Context*>(sp & ~uintptr_t(kRegion - 1));
 }
 
 struct Warp {
@@ -392,11 +393,11 @@ inline void run_block(Block* b, const Launch* L, uint3 idx) {
     }
     if (!b->failed && b->live) {
         for (Thread& t : b->threads)
-            if (t.state == kWaitBlock || t.state == kWaitWarp) {
-                b->error = where(b, &t) + (t.state == kWaitBlock ? "deadlock: waits at a block barrier that "
-                                                                   "other threads never reach"
-                                                                 : "deadlock: waits in a warp collective that "
-                                                                   "other lanes never reach");
+            if (t.state != kDone) {
+                b->error = where(b, &t) + (t.state == kWaitWarp ? "deadlock: waits in a warp collective that "
+                                                                  "other lanes never reach"
+                                                                : "deadlock: waits at a block barrier that "
+                                                                  "other threads never reach");
                 break;
             }
         b->failed = true;
