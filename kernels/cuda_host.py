@@ -28,7 +28,8 @@ import numpy as np
 
 ENV = "GPURNN_CUDA_HOST"
 INCLUDE = Path(__file__).parent / "host_include"
-FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-extern-tls-init", "-pthread")
+FLAGS = ("-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-fno-extern-tls-init", "-pthread")
+RUNTIME = INCLUDE / "cuda_host_runtime.cpp"   # the scheduler: compiled once, linked into every module
 MAX_BLOCK = (1024, 1024, 64)                  # threads per block along x, y, z; 1024 in all
 MAX_GRID = (2 ** 31 - 1, 65535, 65535)
 MAX_COOPERATIVE_BLOCKS = 1024                 # a cooperative launch runs one OS thread per block
@@ -70,7 +71,7 @@ def translation_unit(code, names):
         out += [f"GPURNN_EXPORT int gpurnn_launch_{i}(const unsigned* grid, const unsigned* block, size_t shared, "
                 f"int cooperative, void** args) {{ return gpurnn_host::launch(&{name}, grid, block, shared, "
                 f"cooperative, args); }}",
-                f"GPURNN_EXPORT const char* gpurnn_signature_{i}() {{ return gpurnn_host::signature(&{name}); }}"]
+                f"GPURNN_EXPORT const char* const* gpurnn_signature_{i}() {{ return gpurnn_host::signature(&{name}); }}"]
     return "\n".join(out) + "\n"
 
 
@@ -100,28 +101,45 @@ def cache_dir():
     raise CompileError("no writable cache folder for the CUDA host build (set XDG_CACHE_HOME)")
 
 
+def build(name, text, args):
+    """`name` in the cache folder, compiled from the C++ `text` with `args` unless it is there already."""
+    cxx, _ = compiler()
+    folder = cache_dir()
+    target = folder / name
+    if target.exists():
+        return target
+    stem = folder / f"{name}.{os.getpid()}"
+    source, built = stem.with_suffix(".cpp"), stem.with_suffix(".tmp")
+    source.write_text(text)
+    try:
+        run = subprocess.run([cxx, *FLAGS, *args, "-I", str(INCLUDE), "-o", str(built), str(source)],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            raise CompileError(f"the host build of CUDA C failed ({cxx}):\n{run.stderr[-8000:]}")
+        os.replace(built, target)       # atomic: a concurrent process sees the whole file or none
+    finally:
+        source.unlink(missing_ok=True)
+        built.unlink(missing_ok=True)
+    return target
+
+
+def key(*parts):
+    """A cache key: the hash of the parts, the shim headers, the flags and the compiler's identity."""
+    headers = [p.read_text() for p in sorted(INCLUDE.glob("*.h"))]
+    return hashlib.sha256("\0".join([*parts, *headers, *FLAGS, compiler()[1]]).encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=None)
+def runtime_object():
+    text = RUNTIME.read_text()
+    return build(f"runtime-{key(text)}.o", text, ["-c"])
+
+
 @functools.lru_cache(maxsize=None)
 def library(unit, defines=()):
     """The loaded shared object of a translation unit: from the cache, or compiled into it first."""
-    cxx, identity = compiler()
-    flags = FLAGS + tuple(defines)
-    key = hashlib.sha256("\0".join([unit, *(p.read_text() for p in sorted(INCLUDE.glob("*.h"))), *flags,
-                                    identity]).encode()).hexdigest()[:32]
-    folder = cache_dir()
-    target = folder / f"{key}.so"
-    if not target.exists():
-        stem = folder / f"{key}.{os.getpid()}"
-        source, built = stem.with_suffix(".cpp"), stem.with_suffix(".so.tmp")
-        source.write_text(unit)
-        try:
-            run = subprocess.run([cxx, *flags, "-I", str(INCLUDE), "-o", str(built), str(source)],
-                                 capture_output=True, text=True)
-            if run.returncode != 0:
-                raise CompileError(f"the host build of the CUDA C kernels failed ({cxx}):\n{run.stderr[-8000:]}")
-            os.replace(built, target)       # atomic: a concurrent process sees the whole file or none
-        finally:
-            source.unlink(missing_ok=True)
-            built.unlink(missing_ok=True)
+    runtime = runtime_object()
+    target = build(f"{key(unit, runtime.name, *defines)}.so", unit, ["-shared", *defines, str(runtime)])
     lib = ctypes.CDLL(str(target))
     lib.gpurnn_host_error.restype = ctypes.c_char_p
     return lib
@@ -145,12 +163,15 @@ class RawModule:
         lib = library(translation_unit(self.code, self.name_expressions), self.defines)
         i = self.name_expressions.index(name)
         signature = getattr(lib, f"gpurnn_signature_{i}")
-        signature.restype = ctypes.c_char_p
+        signature.restype = ctypes.POINTER(ctypes.c_char_p)
         launcher = getattr(lib, f"gpurnn_launch_{i}")
         launcher.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint), ctypes.c_size_t,
                              ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
         launcher.restype = ctypes.c_int
-        return HostKernel(name, launcher, signature().decode().split(",")[:-1], lib)
+        params, codes = [], signature()       # the parameters' type codes, null-terminated
+        while codes[len(params)] is not None:
+            params.append(codes[len(params)].decode())
+        return HostKernel(name, launcher, params, lib)
 
 
 def _dims(value, what, limits):

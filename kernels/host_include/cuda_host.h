@@ -25,10 +25,8 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #include <string>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -143,434 +141,60 @@ struct Block {
     std::string error;
 };
 
-struct StackPool {                          // per OS thread
-    std::vector<Context*> free;
-    ~StackPool() {
-        for (Context* c : free) munmap(c, kRegion);
-    }
-    Context* get() {
-        if (!free.empty()) {
-            Context* c = free.back();
-            free.pop_back();
-            return c;
-        }
-        char* m = static_cast<char*>(mmap(nullptr, 2 * kRegion, PROT_READ | PROT_WRITE,
-                                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-        if (m == MAP_FAILED) return nullptr;
-        char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(m) + kRegion - 1) & ~uintptr_t(kRegion - 1));
-        if (base > m) munmap(m, base - m);
-        if (m + 2 * kRegion > base + kRegion) munmap(base + kRegion, m + 2 * kRegion - (base + kRegion));
-        mprotect(base + kHeader, kGuard, PROT_NONE);    // an overflow faults instead of corrupting the header
-        return reinterpret_cast<Context*>(base);
-    }
-    void put(Context* c) { free.push_back(c); }
-};
-
-inline thread_local StackPool tl_stacks;
-inline thread_local std::string tl_error;  // the last failed launch's message, for the caller's thread
-
 // extern __shared__ arrays: defined, and listed here, by the generated wrapper (cuda_host.py)
 struct DynamicShared { void* (*address)(); };
 extern const DynamicShared dynamic_shared[];
 extern const unsigned dynamic_shared_count;
 
-}  // namespace gpurnn_host
+// The runtime (cuda_host_runtime.cpp, compiled once and linked into every module)
+[[noreturn]] void fail(const char* what);                       // from a kernel: the launch stops with an error
+void block_barrier(unsigned grid, int pred = 0);                // __syncthreads (grid 0), grid sync (grid 1)
+int block_predicate_sum();                                      // after a barrier: how many threads passed pred
+const uint64_t* warp_exchange(unsigned mask, int kind, uint64_t value);   // every lane's value, lanes of mask
+void yield_thread();                                            // let the block's other threads run
+int run_launch(Launch* launch, bool cooperative);               // 0, or 1 with gpurnn_host_error() set
 
-// ---- context switch: save callee-saved registers on this stack, store sp, load the other sp, restore
-extern "C" void gpurnn_host_switch(void** save_sp, void* load_sp);
-extern "C" void gpurnn_host_fiber_main(gpurnn_host::Context* c);
-#if defined(__x86_64__) && defined(__linux__)
-asm(R"(
-    .pushsection .text
-    .globl gpurnn_host_switch
-    .hidden gpurnn_host_switch
-    .type gpurnn_host_switch, @function
-gpurnn_host_switch:
-    pushq %rbp
-    pushq %rbx
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
-    movq %rsp, (%rdi)
-    movq %rsi, %rsp
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %rbx
-    popq %rbp
-    ret
-    .size gpurnn_host_switch, .-gpurnn_host_switch
-
-    .globl gpurnn_host_trampoline
-    .hidden gpurnn_host_trampoline
-    .type gpurnn_host_trampoline, @function
-gpurnn_host_trampoline:
-    movq %r12, %rdi
-    call gpurnn_host_fiber_main
-    ud2
-    .size gpurnn_host_trampoline, .-gpurnn_host_trampoline
-    .popsection
-)");
-extern "C" void gpurnn_host_trampoline();
-
-namespace gpurnn_host {
-// A new fiber's stack as gpurnn_host_switch leaves a suspended one: r15..rbp, then the return address.
-inline void* initial_sp(Context* c) {
-    const uintptr_t top = reinterpret_cast<uintptr_t>(c) + kRegion - 64;
-    uint64_t* sp = reinterpret_cast<uint64_t*>(top - 72);   // the trampoline then starts with rsp % 16 == 0
-    sp[0] = sp[1] = sp[2] = 0;                              // r15, r14, r13
-    sp[3] = reinterpret_cast<uint64_t>(c);                  // r12: the trampoline's argument
-    sp[4] = sp[5] = 0;                                      // rbx, rbp
-    sp[6] = reinterpret_cast<uint64_t>(&gpurnn_host_trampoline);
-    return sp;
-}
-}  // namespace gpurnn_host
-#else
-#include <ucontext.h>
-// Elsewhere: ucontext (a system call per switch, so slower; same semantics). sp points at a ucontext_t.
-extern "C" inline void gpurnn_host_switch(void** save_sp, void* load_sp) {
-    ucontext_t here;
-    *save_sp = &here;
-    swapcontext(&here, static_cast<ucontext_t*>(load_sp));
-}
-namespace gpurnn_host {
-inline void* initial_sp(Context* c) {
-    static_assert(sizeof(Context) + sizeof(ucontext_t) <= kHeader, "the header holds the first ucontext");
-    ucontext_t* uc = reinterpret_cast<ucontext_t*>(reinterpret_cast<char*>(c) + sizeof(Context));
-    getcontext(uc);
-    uc->uc_stack.ss_sp = reinterpret_cast<char*>(c) + kHeader + kGuard;
-    uc->uc_stack.ss_size = kRegion - kHeader - kGuard;
-    uc->uc_link = nullptr;
-    makecontext(uc, reinterpret_cast<void (*)()>(&gpurnn_host_fiber_main), 1, c);
-    return uc;
-}
-}  // namespace gpurnn_host
-#endif
-
-namespace gpurnn_host {
-
-// ---- the scheduler of one block
-inline void push(Block* b, unsigned rank) {
-    b->runq[(b->head + b->count++) % b->n] = rank;
-    b->threads[rank].state = kRunnable;
-}
-
-inline void switch_to(Block* b, Context* c) {     // scheduler -> fiber, back when its thread waits or it ends
-    if (c->thread) c->thread->state = kRunning;
-    gpurnn_host_switch(&b->sched_sp, c->sp);
-}
-
-inline void suspend(Thread* t, State why) {        // fiber -> scheduler
-    Context* c = t->context;
-    t->state = why;
-    c->kept = true;
-    gpurnn_host_switch(&c->sp, c->block->sched_sp);
-}
-
-inline std::string where(const Block* b, const Thread* t) {
-    char s[96];
-    snprintf(s, sizeof s, "thread (%u, %u, %u) of block (%u, %u, %u): ", t->tid.x, t->tid.y, t->tid.z, b->idx.x,
-             b->idx.y, b->idx.z);
-    return s;
-}
-
-[[noreturn]] inline void fail(const char* what) {   // from a fiber: the launch stops, the fiber never resumes
-    Context* c = current();
-    Block* b = c->block;
-    if (!b->failed) b->error = where(b, c->thread) + what;
-    b->failed = true;
-    suspend(c->thread, kDone);
-    __builtin_unreachable();
-}
-
-inline void grid_wait(Block* b);
-
-inline void release_block_barrier(Block* b) {  // by the last thread to arrive; it goes on, the others queue
-    if (b->bar_grid) grid_wait(b);
-    b->bar_arrived = 0;
-    b->bar_acc[(b->bar_gen + 1) & 1] = 0;
-    b->bar_gen++;
-    for (Thread& t : b->threads)
-        if (t.state == kWaitBlock) push(b, t.rank);
-}
-
-inline void block_barrier(unsigned grid, int pred = 0) {
-    Context* c = current();
-    Block* b = c->block;
-    if (b->bar_arrived && b->bar_grid != grid)
-        fail("__syncthreads and grid sync reached by different threads of a block at once");
-    b->bar_grid = grid;
-    b->bar_acc[b->bar_gen & 1] += pred != 0;
-    if (++b->bar_arrived == b->live)
-        release_block_barrier(b);
-    else
-        suspend(c->thread, kWaitBlock);
-}
-
-inline int block_predicate_sum() {
-    const Block* b = current()->block;
-    return b->bar_acc[(b->bar_gen - 1) & 1];
-}
-
-// A warp collective: every lane of `mask` contributes `value`; returns the 32 contributions.
-inline const uint64_t* warp_exchange(unsigned mask, int kind, uint64_t value) {
-    Context* c = current();
-    Block* b = c->block;
-    Thread* t = c->thread;
-    const unsigned warp = t->rank / kWarp, lane = t->rank % kWarp, first = warp * kWarp;
-    const unsigned present = b->n - first >= kWarp ? ~0u : (1u << (b->n - first)) - 1;
-    Warp& w = b->warps[warp];
-    if (!(mask >> lane & 1)) fail("a warp collective called by a lane outside its mask");
-    if (mask & ~present) fail("a warp collective's mask names lanes the block does not have");
-    for (unsigned l = 0; l < kWarp; ++l)
-        if ((mask >> l & 1) && b->threads[first + l].state == kDone)
-            fail("a warp collective's mask names a lane that has exited");
-    if (w.arrived && (w.mask != mask || w.kind != kind))
-        fail("lanes of a warp are in different collectives (or masks) at once");
-    w.mask = mask;
-    w.kind = kind;
-    const unsigned gen = w.gen;
-    w.value[gen & 1][lane] = value;
-    w.arrived |= 1u << lane;
-    if (w.arrived == mask) {
-        w.arrived = 0;
-        w.gen++;
-        for (unsigned l = 0; l < kWarp; ++l)
-            if ((mask >> l & 1) && l != lane) push(b, first + l);
-    } else {
-        suspend(t, kWaitWarp);
-    }
-    return w.value[gen & 1];
-}
-
-inline void poison_dynamic_shared(size_t bytes) {
-    for (unsigned i = 0; i < dynamic_shared_count; ++i) memset(dynamic_shared[i].address(), 0xff, bytes);
-}
-
-// Start a fiber for the threads from b->next on, or resume the one holding a waiting thread; collect it when done.
-inline void step(Block* b, Context* c) {
-    switch_to(b, c);
-    if (!c->done) return;
-    tl_stacks.put(c);
-    for (Context*& k : b->contexts)
-        if (k == c) {
-            k = b->contexts.back();
-            b->contexts.pop_back();
-            break;
-        }
-}
-
-inline void run_block(Block* b, const Launch* L, uint3 idx) {
-    b->launch = L;
-    b->idx = idx;
-    b->live = b->n;
-    b->next = b->head = b->count = 0;
-    b->bar_arrived = b->bar_gen = b->bar_grid = 0;
-    b->bar_acc[0] = b->bar_acc[1] = 0;
-    for (Warp& w : b->warps) w.arrived = w.gen = 0;
-    const dim3 d = L->block;
-    for (unsigned r = 0; r < b->n; ++r)
-        b->threads[r] = Thread{uint3{r % d.x, r / d.x % d.y, r / (d.x * d.y)}, r, kNew, nullptr};
-    poison_dynamic_shared(L->shared_bytes);
-    while (!b->failed && b->next < b->n) {
-        Context* c = tl_stacks.get();
-        if (!c) {
-            b->failed = true;
-            b->error = "out of memory for fiber stacks";
-            break;
-        }
-        *c = Context{initial_sp(c), b, nullptr, false, false};
-        b->contexts.push_back(c);
-        step(b, c);
-    }
-    while (!b->failed && b->count) {
-        const unsigned r = b->runq[b->head];
-        b->head = (b->head + 1) % b->n;
-        b->count--;
-        step(b, b->threads[r].context);
-    }
-    if (!b->failed && b->live) {
-        for (Thread& t : b->threads)
-            if (t.state != kDone) {
-                b->error = where(b, &t) + (t.state == kWaitWarp ? "deadlock: waits in a warp collective that "
-                                                                  "other lanes never reach"
-                                                                : "deadlock: waits at a block barrier that "
-                                                                  "other threads never reach");
-                break;
-            }
-        b->failed = true;
-    }
-    for (Context* c : b->contexts) tl_stacks.put(c);     // after a failure: abandon the fibers still waiting
-    b->contexts.clear();
-}
-
-inline void grid_wait(Block* b) {
-    GridBarrier* g = b->launch->grid_barrier;
-    if (!g) fail("grid sync in a launch without enable_cooperative_groups");
-    pthread_mutex_lock(&g->mutex);
-    const unsigned gen = g->gen;
-    if (++g->arrived == g->blocks) {
-        g->arrived = 0;
-        g->gen++;
-        pthread_cond_broadcast(&g->cond);
-    } else {
-        while (g->gen == gen && !g->failed && !g->finished) pthread_cond_wait(&g->cond, &g->mutex);
-    }
-    const bool ok = g->gen != gen;
-    pthread_mutex_unlock(&g->mutex);
-    if (!ok) fail("grid sync that another block never reaches (it exited or failed)");
-}
-
-struct BlockTask {
-    const Launch* launch;
-    uint3 idx;
-    Block block;
-};
-
-inline void* run_cooperative_block(void* p) {
-    BlockTask* t = static_cast<BlockTask*>(p);
-    run_block(&t->block, t->launch, t->idx);
-    GridBarrier* g = t->launch->grid_barrier;
-    pthread_mutex_lock(&g->mutex);
-    g->finished++;
-    g->failed |= t->block.failed;
-    pthread_cond_broadcast(&g->cond);
-    pthread_mutex_unlock(&g->mutex);
-    return nullptr;
-}
-
-inline void prepare(Block* b, unsigned n) {
-    b->n = n;
-    b->threads.assign(n, Thread{});
-    b->warps.assign((n + kWarp - 1) / kWarp, Warp{});
-    b->runq.assign(n, 0);
-    b->failed = false;
-}
-
-inline int run_launch(Launch* L, bool cooperative) {
-    const dim3 g = L->grid, d = L->block;
-    const unsigned n = d.x * d.y * d.z;
-    const unsigned long long blocks = 1ull * g.x * g.y * g.z;
-    if (!n || n > kMaxThreads || !blocks || L->shared_bytes > kDynamicSharedMax) {
-        tl_error = "invalid launch configuration";
-        return 1;
-    }
-    std::string error;
-    if (!cooperative) {
-        Block b;
-        prepare(&b, n);
-        for (unsigned z = 0; z < g.z && !b.failed; ++z)
-            for (unsigned y = 0; y < g.y && !b.failed; ++y)
-                for (unsigned x = 0; x < g.x && !b.failed; ++x) run_block(&b, L, uint3{x, y, z});
-        error = b.error;
-    } else {
-        GridBarrier barrier;
-        barrier.blocks = static_cast<unsigned>(blocks);
-        L->grid_barrier = &barrier;
-        std::vector<BlockTask> tasks(blocks);
-        std::vector<pthread_t> threads(blocks);
-        size_t started = 0;
-        for (unsigned long long i = 0; i < blocks; ++i) {
-            tasks[i].launch = L;
-            tasks[i].idx = uint3{unsigned(i % g.x), unsigned(i / g.x % g.y), unsigned(i / (1ull * g.x * g.y))};
-            prepare(&tasks[i].block, n);
-        }
-        for (; started < blocks; ++started)
-            if (pthread_create(&threads[started], nullptr, run_cooperative_block, &tasks[started])) break;
-        if (started < blocks) {         // the blocks that did start fail at their first grid sync
-            pthread_mutex_lock(&barrier.mutex);
-            barrier.failed = true;
-            pthread_cond_broadcast(&barrier.cond);
-            pthread_mutex_unlock(&barrier.mutex);
-            error = "could not start an OS thread for every block of a cooperative launch";
-        }
-        for (size_t i = 0; i < started; ++i) pthread_join(threads[i], nullptr);
-        for (size_t i = 0; i < started && error.empty(); ++i) error = tasks[i].block.error;
-    }
-    if (error.empty()) return 0;
-    tl_error = error;
-    return 1;
-}
-
-// ---- the generated launchers: unpack a cuLaunchKernel-style argument array once, run the kernel in each fiber
+// ---- the generated launchers: run a kernel in each fiber on a cuLaunchKernel-style argument array
 template <class... A>
 struct Call {
     void (*kernel)(A...);
-    std::tuple<A...> args;
-    static void body(const void* self) {
-        const Call* c = static_cast<const Call*>(self);
-        std::apply(c->kernel, c->args);
-    }
+    void** args;            // args[i] points at the value of parameter i
+    template <size_t... I>
+    void run(std::index_sequence<I...>) const { kernel(*static_cast<std::remove_cv_t<A>*>(args[I])...); }
+    static void body(const void* self) { static_cast<const Call*>(self)->run(std::index_sequence_for<A...>{}); }
 };
 
-template <class... A, size_t... I>
+template <class... A>
 int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, size_t shared, int cooperative,
-           void** args, std::index_sequence<I...>) {
-    Call<A...> call{kernel, std::tuple<A...>(*static_cast<std::remove_cv_t<A>*>(args[I])...)};
+           void** args) {
+    const Call<A...> call{kernel, args};
     Launch L{dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), shared, &Call<A...>::body,
              &call, nullptr};
     return run_launch(&L, cooperative != 0);
 }
 
-template <class... A>
-int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, size_t shared, int cooperative,
-           void** args) {
-    return launch(kernel, grid, block, shared, cooperative, args, std::index_sequence_for<A...>{});
-}
-
 // Parameter type codes for the Python side's argument checks: f4 f8 i1..i8 u1..u8 b1, "*" a pointer to one,
 // "c*" a pointer to const; "?" anything else (refused at launch).
-template <class T> struct Code { static std::string get() { return "?"; } };
-#define GPURNN_CODE(T, c) template <> struct Code<T> { static std::string get() { return c; } };
+template <class T> struct Code { static constexpr const char* value = "?"; };
+#define GPURNN_CODE(T, c)                                                                                      \
+    template <> struct Code<T> { static constexpr const char* value = c; };                                   \
+    template <> struct Code<T*> { static constexpr const char* value = "*" c; };                              \
+    template <> struct Code<const T*> { static constexpr const char* value = "c*" c; };
 GPURNN_CODE(float, "f4") GPURNN_CODE(double, "f8") GPURNN_CODE(bool, "b1")
 GPURNN_CODE(signed char, "i1") GPURNN_CODE(char, "i1") GPURNN_CODE(unsigned char, "u1")
 GPURNN_CODE(short, "i2") GPURNN_CODE(unsigned short, "u2") GPURNN_CODE(int, "i4") GPURNN_CODE(unsigned, "u4")
 GPURNN_CODE(long, "i8") GPURNN_CODE(unsigned long, "u8") GPURNN_CODE(long long, "i8")
 GPURNN_CODE(unsigned long long, "u8")
 #undef GPURNN_CODE
-template <class T> struct Code<T*> {
-    static std::string get() {
-        const std::string inner = Code<std::remove_cv_t<T>>::get();
-        if (inner == "?" || inner[0] == '*' || inner[0] == 'c') return "?";
-        return (std::is_const_v<T> ? "c*" : "*") + inner;
-    }
-};
 
+// The kernel's parameter codes, then a null.
 template <class... A>
-const char* signature(void (*)(A...)) {
-    static const std::string s = [] {
-        std::string out;
-        ((out += Code<std::remove_cv_t<A>>::get() + ","), ...);
-        return out;
-    }();
-    return s.c_str();
+const char* const* signature(void (*)(A...)) {
+    static constexpr const char* codes[] = {Code<std::remove_cv_t<A>>::value..., nullptr};
+    return codes;
 }
 
 }  // namespace gpurnn_host
-
-// A fiber's life: run CUDA threads from b->next on, each to its end, until one waits (suspend marks the fiber
-// kept: when that thread ends, the threads after it belong to a newer fiber) or none is left.
-extern "C" __attribute__((used, visibility("hidden"))) void gpurnn_host_fiber_main(gpurnn_host::Context* c) {
-    using namespace gpurnn_host;
-    Block* b = c->block;
-    while (!c->kept && b->next < b->n) {
-        Thread* t = &b->threads[b->next++];
-        t->context = c;
-        t->state = kRunning;
-        c->thread = t;
-        b->launch->body(b->launch->call);
-        t->state = kDone;
-        b->live--;
-        if (b->bar_arrived && b->bar_arrived == b->live) release_block_barrier(b);  // exited = arrived
-    }
-    c->thread = nullptr;
-    c->done = true;
-    gpurnn_host_switch(&c->sp, b->sched_sp);
-}
-
-GPURNN_EXPORT const char* gpurnn_host_error() { return gpurnn_host::tl_error.c_str(); }
 
 // ---- the CUDA built-in variables and device functions
 #define threadIdx (::gpurnn_host::current()->thread->tid)
@@ -587,12 +211,7 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) { gpurnn_host::warp_exchange
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline void __nanosleep(unsigned) {     // a spin-wait's pause: let the block's other threads run
-    using namespace gpurnn_host;
-    Context* c = current();
-    push(c->block, c->thread->rank);
-    suspend(c->thread, kRunnable);
-}
+inline void __nanosleep(unsigned) { gpurnn_host::yield_thread(); }   // a spin-wait's pause
 [[noreturn]] inline void __trap() { gpurnn_host::fail("__trap()"); }
 
 namespace gpurnn_host {
