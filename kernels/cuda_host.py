@@ -5,10 +5,10 @@
 calls the backend makes, whose ``RawModule`` is the one below. A module's code, unchanged, is compiled by a C++17
 compiler (``$CXX``, default g++) after ``host_include/cuda_host.h``, which defines the CUDA surface and runs every
 CUDA thread as a fiber (what it supports: see that header), plus one generated ``extern "C"`` launcher per name
-expression taking grid, block, dynamic shared bytes and a ``void**`` argument array, as ``cuLaunchKernel`` does.
-The shared object is cached under ``$XDG_CACHE_HOME/gpurnn/cuda_host`` (else ``~/.cache``, else a temporary
-folder), keyed by a hash of the translation unit, the header, the flags and the compiler's version, and is built
-and loaded at most once per process. Kernel arguments are checked against each parameter's C++ type: an array of
+expression taking grid, block, dynamic shared bytes and a ``void**`` argument array, as ``cuLaunchKernel`` does,
+and linked with the scheduler (``host_include/cuda_host_runtime.cpp``, compiled once). Both are cached under
+``$XDG_CACHE_HOME/gpurnn/cuda_host`` (else ``~/.cache``, else a temporary folder), keyed by a hash of the source,
+the headers, the flags and the compiler's version, and a module is built and loaded at most once per process. Kernel arguments are checked against each parameter's C++ type: an array of
 another dtype, a non-contiguous or read-only array where the kernel writes, or a Python number where the kernel
 takes an ``int`` is a TypeError, never a silent reinterpretation.
 """
@@ -108,8 +108,7 @@ def build(name, text, args):
     target = folder / name
     if target.exists():
         return target
-    stem = folder / f"{name}.{os.getpid()}"
-    source, built = stem.with_suffix(".cpp"), stem.with_suffix(".tmp")
+    source, built = (folder / f"{name}.{os.getpid()}.{suffix}" for suffix in ("cpp", "tmp"))
     source.write_text(text)
     try:
         run = subprocess.run([cxx, *FLAGS, *args, "-I", str(INCLUDE), "-o", str(built), str(source)],
@@ -131,6 +130,7 @@ def key(*parts):
 
 @functools.lru_cache(maxsize=None)
 def runtime_object():
+    """The scheduler's object file, linked into every module."""
     text = RUNTIME.read_text()
     return build(f"runtime-{key(text)}.o", text, ["-c"])
 

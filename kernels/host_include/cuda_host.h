@@ -1,22 +1,26 @@
 // CUDA C on the host: what kernels/*.cu need to compile with a C++17 compiler and run on a CPU (cuda_host.py).
+// This header is the CUDA surface; cuda_host_runtime.cpp, the scheduler, is built once and linked into each module.
 //
-// Execution model. A launch runs its blocks one after another on the calling OS thread; inside a block every
-// CUDA thread is a cooperative fiber with its own stack, started in thread order and run until it exits or waits
-// (__syncthreads, a warp collective, grid sync), so a launch is deterministic. A cooperative launch
+// Execution model. A launch runs its blocks one after another on the calling OS thread, threads in order (x
+// fastest). Each CUDA thread runs on a cooperative fiber until it exits or waits (__syncthreads, a warp
+// collective, grid sync); a fiber runs the next thread as a plain call when its thread exits without waiting,
+// so a kernel without waits costs one fiber per block. The order is deterministic. A cooperative launch
 // (enable_cooperative_groups) runs every block at once, one OS thread per block, so grid sync and inter-block
-// communication work. __shared__ is thread_local: one copy per OS thread, that is per running block.
+// communication work. __shared__ is thread_local: one copy per OS thread, that is per running block; extern
+// __shared__ arrays are defined by cuda_host.py, each of the largest size a block may opt in to (227 KiB).
 //
-// Supported: __global__/__device__/__host__/__forceinline__/__shared__/__constant__/__launch_bounds__/__align__;
-// threadIdx, blockIdx, blockDim, gridDim, warpSize; dim3, uint3 and the float/double/int/uint vector types;
+// Supported: __global__/__device__/__host__/__forceinline__/__noinline__/__shared__/__constant__/__launch_bounds__/
+// __align__; threadIdx, blockIdx, blockDim, gridDim, warpSize; dim3, uint3, float/double/int 2/3/4 vector types;
 // static __shared__ and extern __shared__ (dynamic, filled with 0xff bytes, i.e. NaN floats, before each block);
 // __syncthreads (+ _count/_and/_or), __syncwarp, __shfl{,_up,_down,_xor}_sync, __ballot/__any/__all_sync,
-// cooperative_groups this_thread_block()/this_grid() .sync(); atomics (atomicAdd/Sub/Exch/Min/Max/And/Or/Xor/CAS),
-// __threadfence*, __nanosleep (yields); libm, and the CUDA intrinsics below computed with their exact libm twins.
+// cooperative_groups this_thread_block()/this_grid() .sync() (<cooperative_groups.h> is a shim too); atomics
+// (atomicAdd/Sub/Exch/Min/Max/And/Or/Xor/CAS), __threadfence*, __nanosleep (yields), __trap; libm, and the CUDA
+// intrinsics below computed with their exact libm twins (so fast-math intrinsics are more exact here).
 // Misuse the hardware leaves undefined is an error here: a warp collective whose mask names an exited, missing or
 // different-mask lane, a shuffle from a lane outside the mask, grid sync outside a cooperative launch, a block
 // whose threads all wait on each other (deadlock). Exited threads count as arrived at __syncthreads.
-// Not modelled: memory bounds, races inside a block (fibers switch only at the waits above), spin-waits on
-// memory another block of a non-cooperative launch writes (no preemption).
+// Not modelled: memory bounds, races (fibers switch only at the waits above), spin-waits on memory that another
+// block of a non-cooperative launch writes (no preemption); two extern __shared__ names do not alias.
 #ifndef GPURNN_CUDA_HOST_H
 #define GPURNN_CUDA_HOST_H
 

@@ -229,8 +229,13 @@ static void run_block(Block* b, const Launch* L, uint3 idx) {
     b->bar_acc[0] = b->bar_acc[1] = 0;
     for (Warp& w : b->warps) w.arrived = w.gen = 0;
     const dim3 d = L->block;
-    for (unsigned r = 0; r < b->n; ++r)
-        b->threads[r] = Thread{uint3{r % d.x, r / d.x % d.y, r / (d.x * d.y)}, r, kNew, nullptr};
+    for (unsigned r = 0, x = 0, y = 0, z = 0; r < b->n; ++r) {
+        b->threads[r] = Thread{uint3{x, y, z}, r, kNew, nullptr};
+        if (++x == d.x) {
+            x = 0;
+            if (++y == d.y) y = 0, ++z;
+        }
+    }
     poison_dynamic_shared(L->shared_bytes);
     while (!b->failed && b->next < b->n) {
         Context* c = tl_stacks.get();
