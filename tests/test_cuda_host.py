@@ -98,6 +98,13 @@ __global__ void atomic_sum(const double* x, double* total, unsigned* count, int 
     atomicAdd(count, 1u);
 }
 
+// Locals of 126.5 KiB: more than a fiber's stack holds.
+__global__ void big_locals(int* out) {
+    volatile char big[126 * 1024 + 512];
+    for (int i = 0; i < (int)sizeof(big); ++i) big[i] = char(i);
+    out[threadIdx.x] = big[threadIdx.x];
+}
+
 // Lane 0 waits at the block barrier while lanes 1..31 wait for it in a warp collective: never completes.
 __global__ void deadlock(int* out) {
     if (threadIdx.x == 0)
@@ -108,7 +115,7 @@ __global__ void deadlock(int* out) {
 }
 """
 NAMES = ["block_sum<true>", "block_sum<false>", "transpose", "reverse", "warp_ops", "grid_sum", "atomic_sum",
-         "deadlock"]
+         "big_locals", "deadlock"]
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +202,11 @@ def test_atomics_from_every_block(module, cooperative):
 def test_a_deadlock_is_an_error(module):
     with pytest.raises(RuntimeError, match="deadlock"):
         module.get_function("deadlock")((1,), (32,), (np.zeros(32, np.int32),))
+
+
+def test_a_stack_overflow_is_an_error(module):
+    with pytest.raises(RuntimeError, match="stack overflowed"):
+        module.get_function("big_locals")((1,), (2,), (np.zeros(2, np.int32),))
 
 
 def test_launches_are_counted_by_name_expression(module):

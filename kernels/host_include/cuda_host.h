@@ -73,11 +73,13 @@ namespace gpurnn_host {
 constexpr unsigned kWarp = 32;
 constexpr unsigned kMaxThreads = 1024;                  // per block
 constexpr size_t kDynamicSharedMax = 227 * 1024;        // the most dynamic shared memory a block may opt in to
-// A fiber's mapping, aligned to its size so the running fiber is found from the stack pointer alone:
-// [Context header | guard page | stack growing down from the top].
-constexpr size_t kRegion = 256 * 1024;
-constexpr size_t kHeader = 16 * 1024;
-constexpr size_t kGuard = 4096;
+// A fiber's region, aligned to its size so the running fiber is found from the stack pointer alone:
+// [Context header | canary | stack growing down from the top]. No guard page (each would cost the process two
+// memory mappings, and a cooperative launch may hold tens of thousands of fibers): an overflow that reaches the
+// canary is reported when the fiber next switches out.
+constexpr size_t kRegion = 128 * 1024;
+constexpr size_t kHeader = 2048;                // the Context, room for a small overflow, the canary
+constexpr uint64_t kCanary = 0x6770726e6e2d6870ull;
 
 enum State { kNew, kRunning, kRunnable, kWaitBlock, kWaitWarp, kDone };
 enum Collective { kSyncWarp = 1, kShuffle, kVote };

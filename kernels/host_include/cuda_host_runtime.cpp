@@ -6,28 +6,35 @@
 
 namespace gpurnn_host {
 
-struct StackPool {                          // per OS thread
+struct StackPool {                          // per OS thread; regions mapped kChunk at a time
+    static constexpr size_t kChunk = 64;
     std::vector<Context*> free;
+    std::vector<char*> chunks;
     ~StackPool() {
-        for (Context* c : free) munmap(c, kRegion);
+        for (char* chunk : chunks) munmap(chunk, kChunk * kRegion);
     }
     Context* get() {
-        if (!free.empty()) {
-            Context* c = free.back();
-            free.pop_back();
-            return c;
+        if (free.empty()) {
+            const size_t bytes = (kChunk + 1) * kRegion;
+            char* m = static_cast<char*>(mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+            if (m == MAP_FAILED) return nullptr;
+            char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(m) + kRegion - 1) &
+                                                 ~uintptr_t(kRegion - 1));
+            if (base > m) munmap(m, base - m);
+            if (m + bytes > base + kChunk * kRegion) munmap(base + kChunk * kRegion, m + bytes - base - kChunk * kRegion);
+            chunks.push_back(base);
+            for (size_t i = kChunk; i-- > 0;) free.push_back(reinterpret_cast<Context*>(base + i * kRegion));
         }
-        char* m = static_cast<char*>(mmap(nullptr, 2 * kRegion, PROT_READ | PROT_WRITE,
-                                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-        if (m == MAP_FAILED) return nullptr;
-        char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(m) + kRegion - 1) & ~uintptr_t(kRegion - 1));
-        if (base > m) munmap(m, base - m);
-        if (m + 2 * kRegion > base + kRegion) munmap(base + kRegion, m + 2 * kRegion - (base + kRegion));
-        mprotect(base + kHeader, kGuard, PROT_NONE);    // an overflow faults instead of corrupting the header
-        return reinterpret_cast<Context*>(base);
+        Context* c = free.back();
+        free.pop_back();
+        return c;
     }
     void put(Context* c) { free.push_back(c); }
 };
+
+static_assert(sizeof(Context) <= kHeader, "the Context fits below the canary");
+static uint64_t* canary(Context* c) { return reinterpret_cast<uint64_t*>(reinterpret_cast<char*>(c) + kHeader); }
 
 static thread_local StackPool tl_stacks;
 static thread_local std::string tl_error;  // the last failed launch's message, for the caller's thread
@@ -77,6 +84,7 @@ namespace gpurnn_host {
 // A new fiber's stack as gpurnn_host_switch leaves a suspended one: r15..rbp, then the return address.
 static void* initial_sp(Context* c) {
     const uintptr_t top = reinterpret_cast<uintptr_t>(c) + kRegion - 64;
+    *canary(c) = kCanary;
     uint64_t* sp = reinterpret_cast<uint64_t*>(top - 72);   // the trampoline then starts with rsp % 16 == 0
     sp[0] = sp[1] = sp[2] = 0;                              // r15, r14, r13
     sp[3] = reinterpret_cast<uint64_t>(c);                  // r12: the trampoline's argument
@@ -94,12 +102,13 @@ extern "C" void gpurnn_host_switch(void** save_sp, void* load_sp) {
     swapcontext(&here, static_cast<ucontext_t*>(load_sp));
 }
 namespace gpurnn_host {
-static void* initial_sp(Context* c) {
-    static_assert(sizeof(Context) + sizeof(ucontext_t) <= kHeader, "the header holds the first ucontext");
-    ucontext_t* uc = reinterpret_cast<ucontext_t*>(reinterpret_cast<char*>(c) + sizeof(Context));
+static void* initial_sp(Context* c) {     // the first ucontext at the top of the region, the stack below it
+    char* top = reinterpret_cast<char*>(c) + kRegion;
+    ucontext_t* uc = reinterpret_cast<ucontext_t*>(top - ((sizeof(ucontext_t) + 63) & ~size_t(63)));
+    *canary(c) = kCanary;
     getcontext(uc);
-    uc->uc_stack.ss_sp = reinterpret_cast<char*>(c) + kHeader + kGuard;
-    uc->uc_stack.ss_size = kRegion - kHeader - kGuard;
+    uc->uc_stack.ss_sp = reinterpret_cast<char*>(c) + kHeader + sizeof(uint64_t);
+    uc->uc_stack.ss_size = reinterpret_cast<char*>(uc) - static_cast<char*>(uc->uc_stack.ss_sp);
     uc->uc_link = nullptr;
     makecontext(uc, reinterpret_cast<void (*)()>(&gpurnn_host_fiber_main), 1, c);
     return uc;
@@ -210,6 +219,11 @@ static void poison_dynamic_shared(size_t bytes) {
 // Start a fiber for the threads from b->next on, or resume the one holding a waiting thread; collect it when done.
 static void step(Block* b, Context* c) {
     switch_to(b, c);
+    if (*canary(c) != kCanary && !b->failed) {
+        b->failed = true;
+        b->error = (c->thread ? where(b, c->thread) : std::string()) +
+                   "a fiber's stack overflowed (a thread's locals need more than 125 KiB)";
+    }
     if (!c->done) return;
     tl_stacks.put(c);
     for (Context*& k : b->contexts)
