@@ -2,10 +2,17 @@
 right answer only if the feature it uses works as on a GPU (barriers, shared memory, warp shuffles, votes, grid
 sync, atomics, 2-D launches), a kernel with its barrier removed gives a wrong one, misuse the hardware leaves
 undefined is an error, and a wrong argument is a TypeError before anything runs."""
+import os
+import shutil
+
 import numpy as np
 import pytest
 
 from gpurnn.kernels import cuda_host
+
+# Where the harness is on (CI without a GPU) a missing compiler fails loudly; elsewhere it skips these tests.
+pytestmark = pytest.mark.skipif(not cuda_host.enabled() and shutil.which(os.environ.get("CXX", "g++")) is None,
+                                reason="needs a C++17 compiler (g++ or $CXX)")
 
 KERNELS = r"""
 #include <cooperative_groups.h>
@@ -48,9 +55,9 @@ __global__ void reverse(const int* x, int* y, int n) {
 }
 
 // Per warp of 32 values: sums[w] by __shfl_down_sync, maxes[i] by __shfl_xor_sync (every lane), scan[i] the
-// inclusive prefix sum by __shfl_up_sync, first[i] lane 0's value by __shfl_sync, ballots[w] of x > 0.
-__global__ void warp_ops(const float* x, float* sums, float* maxes, float* scan, float* first,
-                         unsigned* ballots) {
+// inclusive prefix sum by __shfl_up_sync, first[i] lane 0's value by __shfl_sync, votes[w] the ballot of x > 0 and
+// whether any / all of x > -1.
+__global__ void warp_ops(const float* x, float* sums, float* maxes, float* scan, float* first, unsigned* votes) {
     const unsigned full = 0xffffffffu, i = blockIdx.x * blockDim.x + threadIdx.x, lane = threadIdx.x % 32;
     float v = x[i], m = x[i], s = x[i];
     for (int d = 16; d > 0; d /= 2) v += __shfl_down_sync(full, v, d);
@@ -61,12 +68,23 @@ __global__ void warp_ops(const float* x, float* sums, float* maxes, float* scan,
     }
     first[i] = __shfl_sync(full, x[i], 0);
     const unsigned ballot = __ballot_sync(full, x[i] > 0.0f);
+    const int any = __any_sync(full, x[i] > -1.0f), all = __all_sync(full, x[i] > -1.0f);
     if (lane == 0) {
         sums[i / 32] = v;
-        ballots[i / 32] = ballot;
+        votes[3 * (i / 32)] = ballot;
+        votes[3 * (i / 32) + 1] = any;
+        votes[3 * (i / 32) + 2] = all;
     }
     maxes[i] = m;
     scan[i] = s;
+}
+
+// Each thread of one block: how many threads have x > 0, whether all do, whether any does.
+__global__ void block_votes(const float* x, int* count, int* all, int* any) {
+    const unsigned t = threadIdx.x;
+    count[t] = __syncthreads_count(x[t] > 0.0f);
+    all[t] = __syncthreads_and(x[t] > 0.0f);
+    any[t] = __syncthreads_or(x[t] > 0.0f);
 }
 
 // out[b] = the sum of x over the whole grid, for every block b: block sums, a grid-wide barrier, then each block
@@ -90,12 +108,14 @@ __global__ void grid_sum(const float* x, float* partial, float* out) {
     }
 }
 
-// total[0] += x[i], count[0] += 1 for every i, from every block.
-__global__ void atomic_sum(const double* x, double* total, unsigned* count, int n) {
+// total[0] += x[i], count[0] += 1, extremes[0] = min and extremes[1] = max of (i * 7919) % n, from every block.
+__global__ void atomic_sum(const double* x, double* total, unsigned* count, int* extremes, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     atomicAdd(total, x[i]);
     atomicAdd(count, 1u);
+    atomicMin(extremes, (i * 7919) % n);
+    atomicMax(extremes + 1, (i * 7919) % n);
 }
 
 // Locals of 126.5 KiB: more than a fiber's stack holds.
@@ -114,8 +134,8 @@ __global__ void deadlock(int* out) {
     out[threadIdx.x] = 1;
 }
 """
-NAMES = ["block_sum<true>", "block_sum<false>", "transpose", "reverse", "warp_ops", "grid_sum", "atomic_sum",
-         "big_locals", "deadlock"]
+NAMES = ["block_sum<true>", "block_sum<false>", "transpose", "reverse", "warp_ops", "block_votes", "grid_sum",
+         "atomic_sum", "big_locals", "deadlock"]
 
 
 @pytest.fixture(scope="module")
@@ -159,19 +179,33 @@ def test_threads_that_exit_count_as_arrived_at_a_barrier(module):
     np.testing.assert_array_equal(y, x[::-1])
 
 
-def test_warp_shuffles_and_ballot(module):
+def test_warp_shuffles_and_votes(module):
     warps = 8
     x = np.random.default_rng(2).standard_normal(32 * warps).astype(np.float32)
-    sums, ballots = np.empty(warps, np.float32), np.empty(warps, np.uint32)
+    x[32:64] = np.abs(x[32:64])                     # warp 1: every value > -1
+    sums, votes = np.empty(warps, np.float32), np.empty((warps, 3), np.uint32)
     maxes, scan, first = (np.empty_like(x) for _ in range(3))
-    module.get_function("warp_ops")((2,), (128,), (x, sums, maxes, scan, first, ballots))
+    module.get_function("warp_ops")((2,), (128,), (x, sums, maxes, scan, first, votes))
     per_warp = x.reshape(warps, 32)
     np.testing.assert_allclose(sums, per_warp.sum(axis=1), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(maxes, np.repeat(per_warp.max(axis=1), 32))
     np.testing.assert_allclose(scan, np.cumsum(per_warp, axis=1).ravel(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(first, np.repeat(per_warp[:, 0], 32))
-    want = [sum(1 << lane for lane in range(32) if row[lane] > 0) for row in per_warp]
-    np.testing.assert_array_equal(ballots, want)
+    ballots = [sum(1 << lane for lane in range(32) if row[lane] > 0) for row in per_warp]
+    np.testing.assert_array_equal(votes[:, 0], ballots)
+    np.testing.assert_array_equal(votes[:, 1], (per_warp > -1).any(axis=1))
+    np.testing.assert_array_equal(votes[:, 2], (per_warp > -1).all(axis=1))
+    assert votes[1, 2] == 1 and not votes[:, 2].all()
+
+
+@pytest.mark.parametrize("positives", [0, 17, 64])
+def test_syncthreads_count_and_or(module, positives):
+    x = np.where(np.arange(64) < positives, 1.0, -1.0).astype(np.float32)
+    count, all_, any_ = (np.full(64, -1, np.int32) for _ in range(3))
+    module.get_function("block_votes")((1,), (64,), (x, count, all_, any_))
+    np.testing.assert_array_equal(count, positives)
+    np.testing.assert_array_equal(all_, positives == 64)
+    np.testing.assert_array_equal(any_, positives > 0)
 
 
 def test_grid_sync_in_a_cooperative_launch(module):
@@ -192,11 +226,12 @@ def test_grid_sync_outside_a_cooperative_launch_is_an_error(module):
 def test_atomics_from_every_block(module, cooperative):
     n = 1000
     x = np.random.default_rng(4).standard_normal(n)
-    total, count = np.zeros(1), np.zeros(1, np.uint32)
-    module.get_function("atomic_sum")((8,), (128,), (x, total, count, np.int32(n)),
+    total, count, extremes = np.zeros(1), np.zeros(1, np.uint32), np.array([n, -1], np.int32)
+    module.get_function("atomic_sum")((8,), (128,), (x, total, count, extremes, np.int32(n)),
                                       enable_cooperative_groups=cooperative)
     assert count[0] == n
     np.testing.assert_allclose(total[0], x.sum(), rtol=1e-12)
+    np.testing.assert_array_equal(extremes, [0, n - 1])
 
 
 def test_a_deadlock_is_an_error(module):

@@ -16,6 +16,7 @@
 // cooperative_groups this_thread_block()/this_grid() .sync() (<cooperative_groups.h> is a shim too); atomics
 // (atomicAdd/Sub/Exch/Min/Max/And/Or/Xor/CAS), __threadfence*, __nanosleep (yields), __trap; libm, and the CUDA
 // intrinsics below computed with their exact libm twins (so fast-math intrinsics are more exact here).
+// GPURNN_CUDA_HOST is defined, for code that cannot be the same on both (inline PTX, say).
 // Misuse the hardware leaves undefined is an error here: a warp collective whose mask names an exited, missing or
 // different-mask lane, a shuffle from a lane outside the mask, grid sync outside a cooperative launch, a block
 // whose threads all wait on each other (deadlock). Exited threads count as arrived at __syncthreads.
