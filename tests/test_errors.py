@@ -123,7 +123,8 @@ def test_bad_nonlinearity():
         gpurnn.JordanRNN(3, 4, 2, output_nonlinearity="softmax")
 
 
-def test_gpu_backend_without_gpu_data():
+def test_gpu_backend_without_gpu_data(monkeypatch):
+    monkeypatch.setattr(gpurnn.backend, "cuda_host", lambda: False)    # not the CPU harness: cupy needs a GPU
     layer = gpurnn.GRU(3, 4, backend="cupy")
     with pytest.raises(ValueError, match="backend='cupy' needs GPU arrays"):
         layer.forward(np.zeros((2, 1, 3), np.float32))

@@ -3,11 +3,12 @@ import numpy as np
 
 from gpurnn import backend as _backend
 
-BACKENDS = ["numpy"] + (["numba", "cupy"] if _backend.gpu_available() else [])
+BACKENDS = ["numpy"] + (["numba", "cupy"] if _backend.gpu_available() else ["cupy"] if _backend.cuda_host() else [])
 
 
 def device_of(backend):
-    return "cpu" if backend == "numpy" else "cuda"
+    """Where a backend's arrays live: "cpu" for numpy, and for cupy on the CPU harness (GPURNN_CUDA_HOST=1)."""
+    return "cpu" if backend == "numpy" or (backend == "cupy" and _backend.cuda_host()) else "cuda"
 
 
 def to_device(a, backend):
