@@ -11,6 +11,11 @@ with the parameters of the moment. k1 == k2 == T (or tbptt=None) is full BPTT ov
 The model protocol (the gpurnn models and recurrent layers): `out, state_n, ctx = model.forward(*inputs,
 state=..., training=True)` (state only when TBPTT or stateful), `dx, dstate0 = model.backward(ctx, dout, dstate)`,
 parameters in `model.modules()` (or the model itself when it is one module).
+
+Every update is checked: a window whose loss or gradients are not finite takes no step, and a step that leaves a
+parameter non-finite is undone (parameters and optimizer state restored from a copy taken before it). Under
+nan_policy="skip" such windows are counted in `skipped`, and `max_nonfinite_in_row` of them in a row stop the run
+with NonFiniteError naming the step and the likely cause; so no checkpoint ever holds NaN or Inf.
 """
 import math
 import signal
@@ -21,10 +26,21 @@ import numpy as np
 
 from . import checkpoint
 from .backend import array_module, to_host
-from .checks import NonFiniteError
+from .checkpoint import CheckpointError
+from .checks import NonFiniteError, positive_int
 from .clip import clip_grad_norm, clip_grad_value
 
 NAN_POLICIES = ("skip", "raise")
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")      # each saves after the batch in flight, then stops fit
+
+
+class Interrupted(KeyboardInterrupt):
+    """fit stopped by a signal (signum): after the batch in flight, with a checkpoint at `saved` (a path), or at
+    once (saved None) on a second signal."""
+
+    def __init__(self, signum, saved=None):
+        super().__init__(signum, saved)
+        self.signum, self.saved = signum, saved
 
 
 class Callback:
@@ -84,15 +100,17 @@ class Trainer:
     output with. tbptt=(k1, k2) needs inputs and target with time on axis 0.
     stateful: carry the recurrent state from the end of one batch to the start of the next (gradient cut).
     clip_norm: rescale the gradients to this global L2 norm; clip_value: clamp every gradient value.
-    nan_policy: "skip" (no update, counted in `skipped`) or "raise" (NonFiniteError).
+    nan_policy: "skip" (no update, counted in `skipped`) or "raise" (NonFiniteError, nothing changed);
+    max_nonfinite_in_row: that many skipped windows in a row raise NonFiniteError (the run has diverged).
     progress: show a tqdm bar (None: only when stderr is a terminal).
     checkpoint_dir / checkpoint_every: where and how often (in steps) `fit` saves; it also saves at the end
-    and, on Ctrl-C, after the batch in flight (then raises KeyboardInterrupt).
+    and, on SIGINT (Ctrl-C), SIGTERM or SIGHUP, after the batch in flight (then raises Interrupted, a
+    KeyboardInterrupt). Each save keeps the one before as checkpoint.prev.npz.
     """
 
     def __init__(self, model, loss, optimizer, tbptt=None, stateful=False, clip_norm=None, clip_value=None,
                  nan_policy="skip", callbacks=(), progress=None, checkpoint_dir=None, checkpoint_every=0,
-                 seed=0):
+                 seed=0, max_nonfinite_in_row=10):
         self.tbptt = None if tbptt is None else parse_tbptt(tbptt)
         if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and 0 < clip_norm < math.inf):
             raise ValueError(f"clip_norm must be a number > 0 or None, got {clip_norm!r}")
@@ -105,6 +123,7 @@ class Trainer:
                              f"got {checkpoint_every!r}")
         if checkpoint_every and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
+        self.max_nonfinite_in_row = positive_int(max_nonfinite_in_row, "max_nonfinite_in_row")
         callbacks = list(callbacks)
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.modules = model.modules() if hasattr(model, "modules") else [model]
@@ -115,10 +134,11 @@ class Trainer:
         self.step = 0             # batches done: the data position
         self.updates = 0          # optimizer steps taken
         self.skipped = 0          # windows dropped for NaN/Inf
+        self.nonfinite_in_row = 0
         self.state = None         # the carried recurrent state (stateful)
         self.history = []         # per batch: the stats dict of on_step
         self.extra = {}           # saved with every checkpoint (e.g. the command line's options)
-        self._interrupted = False
+        self._interrupted = None  # the signal number received during fit
 
     def emit(self, hook, *args):
         for cb in self.callbacks:
@@ -183,27 +203,71 @@ class Trainer:
                 split_state = state_n
             else:
                 loss, state_n, split_state = self.truncated(inputs[0], target, state0, start, loss_from, end, split)
-            finite, cause = math.isfinite(loss), None
-        except NonFiniteError as err:
-            loss, state_n, split_state, finite, cause = math.nan, None, None, False, err
+            finite, cause = math.isfinite(loss), ""
+        except NonFiniteError as err:      # raised by a layer's checks: NaN/Inf in the data, a parameter or overflow
+            loss, state_n, split_state, finite, cause = math.nan, None, None, False, f": {err}"
         norm = clip_grad_norm(self.modules, self.clip_norm if self.clip_norm is not None else math.inf) \
             if finite else math.nan
         info = dict(step=self.step, update=self.updates, loss=loss, grad_norm=norm, window=(start, loss_from, end))
         if not (finite and math.isfinite(norm)):
-            self.emit("on_nonfinite", info)
-            if self.nan_policy == "raise":
-                raise NonFiniteError(f"step {self.step}: loss {loss}, gradient norm {norm} (nan_policy='raise')"
-                                     + (f": {cause}" if cause else "")) from cause
-            self.skipped += 1
-            self.zero_grad()
-            keep = (lambda s: s if s is not None and all_finite(s) else None)
-            return None, norm, keep(state_n), keep(split_state)
+            return self.nonfinite(info, "the loss or its gradients are not finite" + cause, state_n, split_state)
         if self.clip_value is not None:
             clip_grad_value(self.modules, self.clip_value)
         self.emit("on_update", info)
-        self.optimizer.step()
+        before = self.snapshot()
+        with np.errstate(over="ignore", invalid="ignore"):        # checked right after, and undone if need be
+            self.optimizer.step()
+        if not self.parameters_finite():
+            self.restore(before)
+            return self.nonfinite(info, "the update made parameters non-finite (undone)", state_n, split_state)
         self.updates += 1
+        self.nonfinite_in_row = 0
         return loss, norm, state_n, split_state
+
+    def nonfinite(self, info, what, state_n, split_state):
+        """A window that made no update: raise (policy "raise", or too many in a row) or count it and go on."""
+        self.emit("on_nonfinite", info)
+        self.nonfinite_in_row += 1
+        start, _, end = info["window"]
+        where = f"step {self.step + 1}" + (f", window t={start}..{end - 1}" if end is not None else "")
+        values = f"loss {info['loss']:.4g}, gradient norm {info['grad_norm']:.4g}"
+        self.zero_grad()
+        if self.nan_policy == "raise":
+            raise NonFiniteError(f"{where}: {what} ({values}; nan_policy='raise')")
+        if self.nonfinite_in_row >= self.max_nonfinite_in_row:
+            lr = getattr(self.optimizer, "lr", None)
+            cause = "the learning rate" + (f" ({lr:g})" if isinstance(lr, (int, float)) else "")
+            raise NonFiniteError(f"{where}: {what} ({values}) in {self.nonfinite_in_row} updates in a row; "
+                                 f"stopped: {cause} is likely too high" +
+                                 ("" if "update" in what else ", or the data holds NaN/Inf"))
+        self.skipped += 1
+        keep = (lambda s: s if s is not None and all_finite(s) else None)
+        return None, info["grad_norm"], keep(state_n), keep(split_state)
+
+    def parameters(self):
+        return [p for m in self.modules for p in m.params.values()]
+
+    def parameters_finite(self):
+        """True when every parameter is finite: one isfinite reduction per array, one host sync per device."""
+        flags = {}
+        for p in self.parameters():
+            xp = array_module(p)
+            flags.setdefault(xp, []).append(xp.isfinite(p).all())
+        return all(bool(xp.stack(f).all()) for xp, f in flags.items())
+
+    def snapshot(self):
+        """Copies of the parameters and of the optimizer's buffers and step count, for `restore`."""
+        opt = self.optimizer
+        return ([p.copy() for p in self.parameters()],
+                {buf: {k: a.copy() for k, a in arrays.items()} for buf, arrays in opt.state.items()},
+                opt.step_count)
+
+    def restore(self, snap):
+        """Undo an optimizer step: parameters written back in place, the optimizer's state put back."""
+        params, buffers, count = snap
+        for p, saved in zip(self.parameters(), params):
+            p[...] = saved
+        self.optimizer.state, self.optimizer.step_count = buffers, count
 
     def truncated(self, x, y, state0, start, loss_from, end, split):
         """Forward [start, end) from state0 in pieces cut at `split`, loss on [loss_from, end), backward through
@@ -233,9 +297,10 @@ class Trainer:
         if not callable(data):
             raise TypeError(f"data must be a callable data(step, rng) -> (inputs, target), got {type(data).__name__}")
         bar = self.progress_bar(steps)
-        previous = self.install_interrupt_handler()
+        previous = self.install_signal_handlers()
+        last = None                   # (step, path) of this fit's latest checkpoint
         try:
-            while self.step < steps:
+            while self.step < steps and self._interrupted is None:
                 stats = self.train_batch(data(self.step, self.rng))
                 self.step += 1
                 self.history.append(stats)
@@ -243,20 +308,18 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:.0f}", refresh=False)
-                if self._interrupted:
-                    if self.checkpoint_dir is not None:
-                        self.save()
-                    raise KeyboardInterrupt
-                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                    self.save()
-            if self.checkpoint_dir is not None:
-                self.save()
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self._interrupted is None:
+                    last = (self.step, self.save())
+            if self.checkpoint_dir is not None and (last is None or last[0] != self.step):
+                last = (self.step, self.save())
+            if self._interrupted is not None:
+                raise Interrupted(self._interrupted, last and last[1])
         finally:
             if bar is not None:
                 bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-            self._interrupted = False
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            self._interrupted = None
         return self.history
 
     def progress_bar(self, steps):
@@ -267,17 +330,19 @@ class Trainer:
         from tqdm import tqdm
         return tqdm(total=steps, initial=self.step, unit="step", dynamic_ncols=True)
 
-    def install_interrupt_handler(self):
-        """First Ctrl-C: finish the batch, save, raise KeyboardInterrupt. A second one interrupts at once."""
+    def install_signal_handlers(self):
+        """The first SIGINT/SIGTERM/SIGHUP: finish the batch, save, raise Interrupted. A second one interrupts at
+        once. Returns the previous handlers (none off the main thread, where signals cannot be caught)."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def handler(signum, frame):
-            if self._interrupted:
-                raise KeyboardInterrupt
-            self._interrupted = True
+            if self._interrupted is not None:
+                raise Interrupted(signum)
+            self._interrupted = signum
 
-        return signal.signal(signal.SIGINT, handler)
+        return {sig: signal.signal(sig, handler) for sig in
+                (getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name))}
 
     def state_dict(self):
         """Everything needed to continue exactly: parameters, optimizer, RNGs, data position, carried state."""
@@ -292,37 +357,115 @@ class Trainer:
                                  history=list(self.history), tbptt=self.tbptt, stateful=self.stateful))
 
     def load_state_dict(self, sd):
-        """Restore a `state_dict()`; ValueError (nothing changed) when it belongs to another kind of model."""
-        if not isinstance(sd, dict) or not {"model_config", "model", "optimizer", "trainer"} <= sd.keys():
-            raise ValueError("not a trainer checkpoint: expected keys model_config, model, optimizer, trainer")
+        """Restore a `state_dict()`. ValueError, one line, with nothing changed, when it is malformed (missing
+        keys, negative counts, shapes that do not fit, NaN/Inf weights) or belongs to another kind of model."""
+        problems = state_problems(sd)
+        if problems:
+            raise ValueError("not a usable trainer checkpoint: " + "; ".join(problems))
         mine = getattr(self.model, "config", {"kind": type(self.model).__name__})
         if sd["model_config"] != mine:
             diff = sorted(k for k in set(mine) | set(sd["model_config"]) if mine.get(k) != sd["model_config"].get(k))
             raise ValueError(f"the checkpoint holds another model ({sd['model_config'].get('kind')}; differs in "
                              f"{', '.join(diff)}) than this one ({mine.get('kind')})")
-        self.model.load_state_dict(sd["model"])
-        self.optimizer.load_state_dict(sd["optimizer"])
         t = sd["trainer"]
+        sample_rng = getattr(self.model, "sample_rng", None)
+        for name, owner in (("rng", self.rng), ("sample_rng", sample_rng)):
+            if owner is None or (name == "sample_rng" and t[name] is None):
+                continue
+            probe = type(owner.bit_generator)()
+            try:
+                probe.state = t[name]
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"trainer.{name} is not a {type(probe).__name__} state ({e})") from None
+        carried = self.carried_state(t["state"])
+        model_before, optimizer_before = self.model.state_dict(), self.optimizer.state_dict()
+        try:
+            self.model.load_state_dict(sd["model"])
+            self.optimizer.load_state_dict(sd["optimizer"])
+        except (TypeError, ValueError):
+            self.model.load_state_dict(model_before)
+            self.optimizer.load_state_dict(optimizer_before)
+            raise
         self.step, self.updates, self.skipped = t["step"], t["updates"], t["skipped"]
         self.rng.bit_generator.state = t["rng"]
-        if t["sample_rng"] is not None and hasattr(self.model, "sample_rng"):
-            self.model.sample_rng.bit_generator.state = t["sample_rng"]
-        xp = self.model.xp if hasattr(self.model, "xp") else np
-        self.state = map_state(xp.asarray, t["state"])
+        if t["sample_rng"] is not None and sample_rng is not None:
+            sample_rng.bit_generator.state = t["sample_rng"]
+        self.state = carried
         self.history = list(t["history"])
+        self.nonfinite_in_row = 0
+
+    def carried_state(self, saved):
+        """A saved carried state on the model's device, checked: finite, and (L*D, B, H) for the model's rnn."""
+        if saved is None:
+            return None
+        parts = saved if isinstance(saved, tuple) else (saved,)
+        if not all(isinstance(s, np.ndarray) and s.dtype.kind == "f" for s in parts):
+            raise ValueError("trainer.state (the carried recurrent state) must be float arrays")
+        rnn = getattr(self.model, "rnn", None)
+        if rnn is not None:
+            L, H = rnn.num_layers * rnn.num_directions, rnn.hidden_size
+            if len(parts) != (2 if rnn.cell == "lstm" else 1) or \
+                    any(s.ndim != 3 or s.shape[0] != L or s.shape[2] != H for s in parts):
+                raise ValueError(f"trainer.state has shapes {[s.shape for s in parts]}, the model's state is "
+                                 f"({L}, batch, {H})" + (" twice (h, c)" if rnn.cell == "lstm" else ""))
+        if not all(np.isfinite(s).all() for s in parts):
+            raise ValueError("trainer.state (the carried recurrent state) holds NaN or Inf")
+        xp = self.model.xp if hasattr(self.model, "xp") else np
+        return map_state(xp.asarray, saved)
+
+    def checkpoint_path(self):
+        return checkpoint.checkpoint_path(self.checkpoint_dir)
 
     def save(self, extra=None):
-        """Write a checkpoint to checkpoint_dir atomically; returns its path."""
+        """Write a checkpoint to checkpoint_dir atomically, keeping the one before; returns its path.
+        NonFiniteError when a parameter is not finite; CheckpointError (saying which earlier checkpoint is
+        intact) when the file cannot be written."""
         if self.checkpoint_dir is None:
             raise ValueError("this trainer has no checkpoint_dir")
+        if not self.parameters_finite():
+            raise NonFiniteError(f"step {self.step}: not saving a checkpoint, the parameters are not finite")
         payload = self.state_dict()
         payload["extra"] = dict(self.extra if extra is None else extra)
-        path = checkpoint.save(self.checkpoint_dir, payload)
+        try:
+            path = checkpoint.save(self.checkpoint_dir, payload, keep_previous=True)
+        except OSError as e:
+            raise CheckpointError(f"could not write a checkpoint at step {self.step} in {self.checkpoint_dir} "
+                                  f"({e.strerror or e}); {checkpoint.describe_intact(self.checkpoint_dir)}") \
+                from None
         self.emit("on_checkpoint", path)
         return path
 
     def resume(self, path):
-        """Load the checkpoint at `path` (file or directory) into this trainer; returns its `extra` dict."""
+        """Load the checkpoint at `path` (file or folder) into this trainer; returns its `extra` dict.
+        CheckpointError naming the file when it is unusable (nothing changed then)."""
         payload = checkpoint.load(path)
-        self.load_state_dict(payload)
+        try:
+            self.load_state_dict(payload)
+        except ValueError as e:
+            raise CheckpointError(f"{checkpoint.checkpoint_path(path)}: {e}") from None
         return payload.get("extra", {})
+
+
+def is_count(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
+
+
+def state_problems(sd):
+    """What makes `sd` unusable as a Trainer.state_dict(): [] when nothing."""
+    if not isinstance(sd, dict):
+        return [f"expected a dict, got {type(sd).__name__}"]
+    missing = [k for k in ("model_config", "model", "optimizer", "trainer") if not isinstance(sd.get(k), dict)]
+    if missing:
+        return [f"missing or malformed {', '.join(missing)}"]
+    t = sd["trainer"]
+    problems = [f"trainer.{k} missing" for k in ("step", "updates", "skipped", "rng", "sample_rng", "state",
+                                                 "history") if k not in t]
+    problems += [f"trainer.{k} must be an integer >= 0, got {t[k]!r}" for k in ("step", "updates", "skipped")
+                 if k in t and not is_count(t[k])]
+    if "history" in t and not (isinstance(t["history"], list) and all(isinstance(h, dict) for h in t["history"])):
+        problems.append("trainer.history must be a list of dicts")
+    bad = checkpoint.nonfinite_weights(sd["model"]) if all(hasattr(v, "dtype") for v in sd["model"].values()) \
+        else ["(not arrays)"]
+    if bad:
+        problems.append(f"the checkpoint's weights are not finite or not arrays ({', '.join(bad[:3])})")
+    return problems
