@@ -12,8 +12,8 @@ from . import JordanCtx
 
 
 def tanh(x):
-    """tanh; float32 computed in float64 and rounded once, so it is the correctly rounded value (up to a double
-    rounding within 2^-53 of a midpoint): exactly +-1 wherever that is."""
+    """tanh; float32 computed in float64 and rounded once: within 0.5 ulp (plus float64's error, ~2^-29 ulp) of the
+    exact value, so exactly +-1 wherever the correctly rounded value is."""
     return np.tanh(x.astype(np.float64, copy=False)).astype(x.dtype, copy=False)
 
 

@@ -16,7 +16,7 @@ from numba import cuda, njit
 from gpurnn.kernels import cpu_fused, numpy_ref
 
 EXHAUSTIVE = os.environ.get("GPURNN_EXHAUSTIVE") == "1"
-ULP_BOUND = 2.0                      # what issue-level accuracy promises for tanh and sigmoid, float32
+ULP_BOUND = 1.5     # cpu_fused float32 tanh, sigmoid: 1.35, 1.32 measured over every float32 (2 promised)
 LN2 = float(np.log(2))
 WINDOW = 1 << 12                     # float32 values taken on each side of every special point
 STRIDE = 613                         # odd, so the strided samples fall on every low-bit pattern
@@ -104,8 +104,9 @@ BREAKS = {"tanh": [float(cpu_fused.TANH_SMALL)] + [k * LN2 / 4 for k in range(1,
 
 def sweep(name):
     """Sorted float32 inputs: the strided range, windows around 0, saturation and formula breaks, +-Inf, NaN last."""
-    strided = np.concatenate([np.arange(0, bits(LIMIT[name]), STRIDE, dtype=np.uint32),
-                              np.arange(bits(LIMIT[name]), bits(np.inf), STRIDE << 8, dtype=np.uint32)]).view(np.float32)
+    strided = np.concatenate([np.arange(0, bits(LIMIT[name]), STRIDE, dtype=np.uint32),          # dense
+                              np.arange(bits(LIMIT[name]), bits(np.inf), STRIDE << 8, dtype=np.uint32)])  # beyond
+    strided = strided.view(np.float32)
     points = [0.0, np.float32(2.0 ** -12)] + [t for _, t in SATURATION[name]] + BREAKS[name]
     parts = [strided, -strided, np.float32([np.inf, -np.inf])]
     parts += [around(p) for p in points] + [around(-p) for p in points if p > 0]
