@@ -86,7 +86,7 @@ class Agreed:
         self.loss, self.finite, self.signum, self.count = loss, finite, signum, count
 
 
-def stop_signal(error):
+def signal_of(error):
     """The signal an error stands for: an Interrupted's, SIGINT for a bare KeyboardInterrupt, else None."""
     signum = getattr(error, "signum", None)
     return signal.SIGINT if signum is None and isinstance(error, KeyboardInterrupt) else signum
@@ -94,7 +94,7 @@ def stop_signal(error):
 
 def describe(error, user_errors=()):
     """One line for an error: a user error's message, else its type and message."""
-    signum = stop_signal(error)
+    signum = signal_of(error)
     if signum is not None:
         return f"{signal.Signals(signum).name}: stopped at once"
     text = str(error).splitlines()[0] if str(error) else ""
@@ -117,7 +117,6 @@ class DataParallel:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.allreduce = allreduce
         self.seconds = 0.0          # spent in the gradient allreduce, waiting for the slowest rank included
-        self.calls = 0
         self._layout = self._buffer = self._transport = None
         self._collective = []       # errors every rank raised at the same point
         self.user_errors = (ValueError, TypeError, OSError)     # reported by their message alone (see run)
@@ -196,7 +195,6 @@ class DataParallel:
         self._transport.allreduce(buf)
         tail = to_host(buf[P:]).astype(np.float64)          # one small device-to-host copy: a sync, as clipping's
         self.seconds += time.perf_counter() - start
-        self.calls += 1
         total = tail[1]
         for g, (a, b) in zip(grads, self.spans):
             xp.divide(buf[a:b].reshape(g.shape), total, out=g)
@@ -317,7 +315,7 @@ class DataParallel:
                 if self.rank == 0:
                     raise
                 return 2
-            signum = stop_signal(e)
+            signum = signal_of(e)
             if signum is None and not isinstance(e, self.user_errors):
                 traceback.print_exc()
             print(f"{prog}: error: rank {self.rank} of {self.size}: {describe(e, self.user_errors)}; stopping "
@@ -371,18 +369,21 @@ class Staged(Transport):
         self.through_host(super().bcast, buf)
 
 
+def current_stream():
+    import cupy
+    return cupy.cuda.get_current_stream()
+
+
 class CudaAwareMPI(Transport):
     """MPI on the GPU buffer itself (mpi4py takes CuPy arrays); the stream is synchronised first, as MPI reads the
     memory outside it."""
 
     def allreduce(self, buf):
-        import cupy
-        cupy.cuda.get_current_stream().synchronize()
+        current_stream().synchronize()
         super().allreduce(buf)
 
     def bcast(self, buf):
-        import cupy
-        cupy.cuda.get_current_stream().synchronize()
+        current_stream().synchronize()
         super().bcast(buf)
 
 
@@ -399,13 +400,10 @@ class NCCL(Transport):
                       "float64": nccl.NCCL_FLOAT64}[buf.dtype.name]
 
     def allreduce(self, buf):
-        import cupy
-        stream = cupy.cuda.get_current_stream().ptr
-        self.nc.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self.dtype, self.nccl.NCCL_SUM, stream)
+        self.nc.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self.dtype, self.nccl.NCCL_SUM, current_stream().ptr)
 
     def bcast(self, buf):
-        import cupy
-        self.nc.bcast(buf.data.ptr, buf.size, self.dtype, 0, cupy.cuda.get_current_stream().ptr)
+        self.nc.bcast(buf.data.ptr, buf.size, self.dtype, 0, current_stream().ptr)
 
 
 def nccl_available():
