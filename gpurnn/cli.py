@@ -4,8 +4,11 @@
 ends by printing generated Python. Every user error (a bad option, a missing/empty/non-UTF-8 file, an unusable
 --out, a checkpoint of another model, a diverged run) prints one line on stderr and exits 2. SIGINT (Ctrl-C),
 SIGTERM and SIGHUP during training save a checkpoint after the batch in flight, then exit 128 + the signal.
+`mpiexec -n N gpurnn train --distributed` trains data-parallel (gpurnn.distributed): --batch is the whole batch,
+each process takes its rows, rank 0 alone holds --out, prints and writes.
 """
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -98,6 +101,12 @@ def build_parser():
     t.add_argument("--samples", type=integer(0), default=2, help="samples printed at the end (default 2)")
     t.add_argument("--sample-length", type=integer(), default=400, help="characters per sample (default 400)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the processes of `mpiexec -n N` (or srun): --batch is the whole batch, "
+                        "split by rows; needs mpi4py (pip install 'gpurnn[mpi]')")
+    t.add_argument("--allreduce", choices=("auto", "mpi", "nccl", "cuda-aware-mpi"),
+                   help="with --distributed: how gradients are summed (default auto: MPI for CPU arrays, NCCL for "
+                        "GPU arrays when CuPy has it)")
 
     s = sub.add_parser("sample", help="generate text from a trained checkpoint")
     s.add_argument("--checkpoint", default=os.path.join("runs", "charlm"), metavar="PATH",
@@ -119,16 +128,22 @@ def build_parser():
     return parser
 
 
+def user_errors():
+    """The errors a user can cause, each reported as one line."""
+    from .checkpoint import CheckpointError
+    from .checks import NonFiniteError
+    from .corpus import CorpusError
+    from .distributed import RankError
+    from .files import LockedError
+    return CliError, CorpusError, CheckpointError, LockedError, NonFiniteError, RankError
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         from . import bench
         return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .checks import NonFiniteError
-    from .corpus import CorpusError
-    from .files import LockedError
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         print(f"gpurnn {args.command}: warning: {message}", file=sys.stderr, flush=True)
@@ -137,7 +152,7 @@ def main(argv=None):
         warnings.showwarning = one_line_warning
         try:
             return {"train": train, "sample": sample, "diagnose": diagnose, "info": info}[args.command](args)
-        except (CliError, CorpusError, CheckpointError, LockedError, NonFiniteError) as e:
+        except user_errors() as e:
             print(f"gpurnn {args.command}: error: {e}", file=sys.stderr)
         except MemoryError as e:
             print(f"gpurnn {args.command}: error: out of memory ({e})", file=sys.stderr)
@@ -238,9 +253,13 @@ def held_out_batches(ids):
 
 def train(args):
     from .files import RunLock
+    if args.allreduce is not None and not args.distributed:
+        raise CliError("--allreduce needs --distributed")
     # A file-size limit (ulimit -f) then fails a write with EFBIG, reported in one line, instead of killing us.
     previous_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN) if hasattr(signal, "SIGXFSZ") else None
     try:
+        if args.distributed:
+            return train_distributed(args)
         out = prepare_out(args.out)
         with RunLock(out):
             return train_in(args, out)
@@ -249,16 +268,31 @@ def train(args):
             signal.signal(signal.SIGXFSZ, previous_xfsz)
 
 
-def train_in(args, out):
-    """`gpurnn train` while holding the lock on --out."""
-    from . import checkpoint, optim
-    from .backend import resolve
-    from .corpus import CharBatches, build_vocab
-    from .files import remove_stray_temps
-    from .models import CharLM
-    from .nn import SoftmaxCrossEntropy
-    from .trainer import Interrupted, Trainer, parse_tbptt
+def train_distributed(args):
+    """`gpurnn train --distributed` on one rank: rank 0 checks and locks --out, every rank trains. An error all
+    ranks meet is printed once by rank 0; one rank's own error is printed by it and ends the job (MPI_Abort)."""
+    from .distributed import DataParallel
+    from .files import RunLock
+    try:
+        group = DataParallel(allreduce=args.allreduce or "auto")
+    except ImportError as e:
+        raise CliError(str(e)) from None
 
+    def job():
+        with contextlib.ExitStack() as lock:
+            def claim():
+                out = prepare_out(args.out)
+                lock.enter_context(RunLock(out))
+                return out
+            return train_in(args, group.on_root(claim), group)
+    return group.run(job, "gpurnn train", user_errors())
+
+
+def read_run(args, out):
+    """The folder rules, the run's options, the checkpoint to resume (or None) and the corpus: what rank 0 reads
+    and checks. Returns (opts, given, saved, present checkpoint files, source, text, description, data path)."""
+    from . import checkpoint
+    from .files import remove_stray_temps
     remove_stray_temps(out)
     present = checkpoint.existing(out)
     in_place = args.resume is True or (args.resume and os.path.abspath(args.resume) == os.path.abspath(out))
@@ -271,6 +305,72 @@ def train_in(args, out):
     source = None if not args.resume else out if args.resume is True else args.resume
     opts, saved = train_options(args, given, source)
     text, description = load_corpus(args.data)
+    return opts, given, saved, present, source, text, description, args.data
+
+
+def train_in(args, out, group=None):
+    """`gpurnn train` while holding the lock on --out; distributed (group), on every rank, rank 0 holding it."""
+    from .backend import resolve
+    from .trainer import Interrupted
+
+    root = group is None or group.is_root
+    read = (lambda: read_run(args, out))
+    opts, given, saved, present, source, text, description, args.data = \
+        read() if group is None else group.on_root(read)
+    with contextlib.nullcontext() if group is None else group.together():     # every rank builds, or all stop
+        trainer, model, data, device = build_run(args, out, group, opts, given, saved, source, text)
+    if args.overwrite and root:
+        for file in present:
+            os.unlink(file)
+    if root:
+        print(f"gpurnn train: {model!r}, {model.num_parameters():,} parameters, vocabulary {len(model.vocab)}, "
+              f"on {device} ({resolve(model.rnn.backend, device)}); corpus: {description}", file=sys.stderr)
+    meter = None
+    if group is not None and root:
+        meter = Throughput(group)
+        trainer.callbacks.insert(0, meter)
+        print(f"gpurnn train: {group.size} process{'es' if group.size > 1 else ''}, effective batch "
+              f"{opts['batch']} x {opts['seq_len']} characters, {data.rows.shape[1]} rows per batch on rank 0; "
+              f"gradients summed by one allreduce ({group.transport_name(device == 'cuda')}) per update",
+              file=sys.stderr)
+    start = time.perf_counter()
+    try:
+        trainer.fit(lambda step, rng: tuple(model.xp.asarray(a) for a in data(step)), opts["steps"])
+    except Interrupted as e:
+        if group is not None and not group.is_collective(e):
+            raise                              # one rank's second signal: group.run ends the job
+        done = f"checkpoint saved in {out} (continue with --resume)" if e.saved else \
+            f"stopped at once; the last checkpoint in {out} is kept"
+        if root:
+            print(("\n" if sys.stderr.isatty() else "") + f"{signal.Signals(e.signum).name} at step {trainer.step}: "
+                  + done, file=sys.stderr)
+        return 128 + e.signum
+    wall = time.perf_counter() - start
+    alone = group.time_allreduce() if group is not None else None
+    if not root:
+        return 0
+    if meter is not None:
+        print(meter.report(alone), file=sys.stderr)
+    recent = [s["loss"] for s in trainer.history[-50:]]
+    held_out = trainer.extra["held_out"][-1][1] if trainer.extra["held_out"] else float("nan")
+    print(f"trained to step {trainer.step} in {wall:.1f} s: loss {np.mean(recent):.3f} nats/char "
+          f"(mean of the last {len(recent)} batches), held-out {held_out:.3f}; skipped {trainer.skipped}; "
+          f"checkpoint and loss.png in {out}", file=sys.stderr)
+    for n in range(args.samples):
+        print(f"--- sample {n + 1} (temperature 0.8) ---")
+        print(model.sample(args.sample_length, temperature=0.8, prime="\n"))
+    return 0
+
+
+def build_run(args, out, group, opts, given, saved, source, text):
+    """The model, its data (this rank's rows when distributed), the device and the trainer, resumed from `saved`
+    when given. Returns (trainer, model, data, device)."""
+    from . import checkpoint, optim
+    from .corpus import CharBatches, build_vocab
+    from .models import CharLM
+    from .nn import SoftmaxCrossEntropy
+    from .trainer import Trainer, parse_tbptt
+    root = group is None or group.is_root
     vocab = saved["model_config"]["vocab"] if saved else build_vocab(text)
     if not isinstance(vocab, str) or len(vocab) < 2:
         raise CliError("the text needs at least 2 distinct characters")
@@ -281,6 +381,16 @@ def train_in(args, out):
     if tbptt[1] > opts["seq_len"]:
         raise CliError(f"--tbptt K2 ({tbptt[1]}) must not exceed --seq-len ({opts['seq_len']})")
     device = device_for(args.backend)
+    rows = slice(None)
+    if group is not None:
+        if opts["batch"] < group.size:
+            raise CliError(f"--batch {opts['batch']} cannot be split over {group.size} processes: each needs at "
+                           f"least one row")
+        if device == "cpu" and args.allreduce in ("nccl", "cuda-aware-mpi"):
+            raise CliError(f"--allreduce {args.allreduce} needs the model on a GPU; this run is on the CPU")
+        if device == "cuda":
+            group.use_local_gpu()
+        rows = group.rows(opts["batch"])
     check_fits(len(vocab), opts)
     try:
         model = CharLM(vocab, hidden_size=opts["hidden"], num_layers=opts["layers"], cell=opts["cell"],
@@ -289,13 +399,12 @@ def train_in(args, out):
     except ValueError as e:
         raise CliError(f"the corpus does not fit the model: {e}") from None
     split = int(len(ids) * 0.95)
-    data = CharBatches(ids[:split], opts["batch"], opts["seq_len"])
-    xp = model.xp
+    data = CharBatches(ids[:split], opts["batch"], opts["seq_len"], rows=rows)
     reporter = Reporter(out, opts, held_out_batches(ids[split:]))
     trainer = Trainer(model, SoftmaxCrossEntropy(), optim.Adam(model.modules(), lr=opts["lr"]), tbptt=tbptt,
                       stateful=True, clip_norm=opts["clip"], checkpoint_dir=out,
                       checkpoint_every=args.checkpoint_every, progress=False if args.no_progress else None,
-                      seed=opts["seed"], callbacks=[reporter])
+                      seed=opts["seed"], callbacks=[reporter] if root else [], distributed=group)
     trainer.extra = {"data": args.data, "held_out": []}
     if saved is not None:
         try:
@@ -304,8 +413,9 @@ def train_in(args, out):
             raise CliError(f"{checkpoint.checkpoint_path(source)}: {e}") from None
         trainer.extra["held_out"] = list(saved["extra"].get("held_out") or [])
         if "lr" in given and given["lr"] != trainer.optimizer.lr:
-            print(f"gpurnn train: learning rate {given['lr']:g} from now on (the checkpoint's: "
-                  f"{trainer.optimizer.lr:g})", file=sys.stderr)
+            if root:
+                print(f"gpurnn train: learning rate {given['lr']:g} from now on (the checkpoint's: "
+                      f"{trainer.optimizer.lr:g})", file=sys.stderr)
             trainer.optimizer.lr = given["lr"]
         opts["lr"] = trainer.optimizer.lr
         if "steps" in given:
@@ -315,30 +425,34 @@ def train_in(args, out):
                            f"pass --steps N to train N more")
     trainer.extra["options"] = {k: opts[k] for k in TRAIN_DEFAULTS}
     reporter.every = max(1, opts["steps"] // 10)
-    if args.overwrite:
-        for file in present:
-            os.unlink(file)
-    print(f"gpurnn train: {model!r}, {model.num_parameters():,} parameters, vocabulary {len(vocab)}, "
-          f"on {device} ({resolve(model.rnn.backend, device)}); corpus: {description}", file=sys.stderr)
-    start = time.perf_counter()
-    try:
-        trainer.fit(lambda step, rng: tuple(xp.asarray(a) for a in data(step)), opts["steps"])
-    except Interrupted as e:
-        done = f"checkpoint saved in {out} (continue with --resume)" if e.saved else \
-            f"stopped at once; the last checkpoint in {out} is kept"
-        print(("\n" if sys.stderr.isatty() else "") + f"{signal.Signals(e.signum).name} at step {trainer.step}: "
-              + done, file=sys.stderr)
-        return 128 + e.signum
-    wall = time.perf_counter() - start
-    recent = [s["loss"] for s in trainer.history[-50:]]
-    held_out = trainer.extra["held_out"][-1][1] if trainer.extra["held_out"] else float("nan")
-    print(f"trained to step {trainer.step} in {wall:.1f} s: loss {np.mean(recent):.3f} nats/char "
-          f"(mean of the last {len(recent)} batches), held-out {held_out:.3f}; skipped {trainer.skipped}; "
-          f"checkpoint and loss.png in {out}", file=sys.stderr)
-    for n in range(args.samples):
-        print(f"--- sample {n + 1} (temperature 0.8) ---")
-        print(model.sample(args.sample_length, temperature=0.8, prime="\n"))
-    return 0
+    return trainer, model, data, device
+
+
+class Throughput:
+    """Rank 0 of a distributed run: characters per second over this run's batches after the first (which loads
+    compiled kernels; each batch's own time, without evaluation and checkpoints), and the share of that time
+    spent in the gradient allreduce, waiting for the slowest rank included."""
+
+    def __init__(self, group):
+        self.group, self.first, self.chars, self.seconds = group, None, 0, 0.0
+
+    def on_step(self, trainer, stats):
+        if self.first is None:
+            self.first = self.group.seconds
+            return
+        self.chars += stats["tokens"]
+        self.seconds += stats["tokens"] / stats["tokens_per_s"]
+
+    def report(self, alone):
+        """One line, with `alone` the seconds of one allreduce with no rank waiting for another."""
+        if not self.seconds:
+            return "gpurnn train: too few batches to measure the throughput"
+        comm = self.group.seconds - self.first
+        size = self.group.size
+        return (f"gpurnn train: {size} process{'es' if size > 1 else ''}: {self.chars / self.seconds:,.0f} "
+                f"chars/s after the first batch; gradient allreduce {comm / self.seconds:.1%} of that time "
+                f"(waiting for the slowest rank included), {alone * 1e3:.3f} ms for one allreduce of "
+                f"{self.group.buffer_bytes() / 2**20:.2f} MiB alone")
 
 
 def evaluate(model, batches):

@@ -16,6 +16,11 @@ Every update is checked: a window whose loss or gradients are not finite takes n
 parameter non-finite is undone (parameters and optimizer state restored from a copy taken before it). Under
 nan_policy="skip" such windows are counted in `skipped`, and `max_nonfinite_in_row` of them in a row stop the run
 with NonFiniteError naming the step and the likely cause; so no checkpoint ever holds NaN or Inf.
+
+Data-parallel (distributed=gpurnn.distributed.DataParallel): every rank runs the same Trainer on its rows of each
+batch; after backward, one allreduce gives every rank the whole batch's gradients and loss, whether any rank's
+were not finite, and any rank's stop signal, so clipping, the update, its undo and stopping happen alike on every
+rank. Checkpoints hold the whole batch's carried state (gathered from the ranks), and only rank 0 writes them.
 """
 import math
 import signal
@@ -106,11 +111,14 @@ class Trainer:
     checkpoint_dir / checkpoint_every: where and how often (in steps) `fit` saves; it also saves at the end
     and, on SIGINT (Ctrl-C), SIGTERM or SIGHUP, after the batch in flight (then raises Interrupted, a
     KeyboardInterrupt). Each save keeps the one before as checkpoint.prev.npz.
+    distributed: a gpurnn.distributed.DataParallel (see the module docstring); `data` then yields this rank's
+    rows, fit, save and state_dict are collective (every rank calls them), and only rank 0 writes and shows
+    progress.
     """
 
     def __init__(self, model, loss, optimizer, tbptt=None, stateful=False, clip_norm=None, clip_value=None,
                  nan_policy="skip", callbacks=(), progress=None, checkpoint_dir=None, checkpoint_every=0,
-                 seed=0, max_nonfinite_in_row=10):
+                 seed=0, max_nonfinite_in_row=10, distributed=None):
         self.tbptt = None if tbptt is None else parse_tbptt(tbptt)
         if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and 0 < clip_norm < math.inf):
             raise ValueError(f"clip_norm must be a number > 0 or None, got {clip_norm!r}")
@@ -138,7 +146,9 @@ class Trainer:
         self.state = None         # the carried recurrent state (stateful)
         self.history = []         # per batch: the stats dict of on_step
         self.extra = {}           # saved with every checkpoint (e.g. the command line's options)
-        self._interrupted = None  # the signal number received during fit
+        self.distributed = distributed
+        self._interrupted = None  # the signal number this process received during fit
+        self._agreed = None       # distributed: the signal some rank received, known to every rank
 
     def emit(self, hook, *args):
         for cb in self.callbacks:
@@ -167,12 +177,13 @@ class Trainer:
                 raise ValueError("tbptt needs one input array and a target with the same steps on axis 0, "
                                  f"got {len(inputs)} inputs and target shape {tuple(target.shape)}")
             plan = windows(inputs[0].shape[0], *self.tbptt)
-        losses, weights, norms = [], [], []
+        losses, weights, norms, tokens = [], [], [], 0
         saved = {0: state}            # position -> state there (computed under the parameters of the moment)
         for j, (start, loss_from, end) in enumerate(plan):
             next_start = plan[j + 1][0] if j + 1 < len(plan) else end
-            loss, norm, state_end, split_state = self.window(inputs, target, kwargs, saved[start], start, loss_from,
-                                                             end, next_start)
+            loss, norm, state_end, split_state, count = self.window(inputs, target, kwargs, saved[start], start,
+                                                                    loss_from, end, next_start)
+            tokens += count
             saved = {next_start: split_state, end: state_end}
             if loss is not None:
                 losses.append(loss)
@@ -182,7 +193,6 @@ class Trainer:
             final = saved[plan[-1][2]]
             self.state = None if final is None else map_state(lambda s: s.copy(), final)
         elapsed = time.perf_counter() - t0
-        tokens = int(np.prod(target.shape))
         stats = dict(step=self.step + 1,
                      loss=float(np.average(losses, weights=weights)) if losses else math.nan,
                      grad_norm=max(norms) if norms else math.nan, tokens=tokens,
@@ -191,8 +201,10 @@ class Trainer:
         return stats
 
     def window(self, inputs, target, kwargs, state0, start, loss_from, end, split):
-        """One update. Returns loss (None when skipped), pre-clip grad norm, the state at `end` and at `split`."""
+        """One update. Returns loss (None when skipped), pre-clip grad norm, the state at `end` and at `split`, and
+        the number of targets its loss is the mean over (over all ranks)."""
         self.zero_grad()
+        count = int(np.prod(target.shape if end is None else target[loss_from:end].shape))
         try:
             if end is None:       # whole batch, any model
                 carry = {"state": state0} if self.stateful else {}
@@ -206,11 +218,14 @@ class Trainer:
             finite, cause = math.isfinite(loss), ""
         except NonFiniteError as err:      # raised by a layer's checks: NaN/Inf in the data, a parameter or overflow
             loss, state_n, split_state, finite, cause = math.nan, None, None, False, f": {err}"
+        if self.distributed is not None:
+            loss, finite, count = self.allreduce(loss, finite, count)
         norm = clip_grad_norm(self.modules, self.clip_norm if self.clip_norm is not None else math.inf) \
             if finite else math.nan
         info = dict(step=self.step, update=self.updates, loss=loss, grad_norm=norm, window=(start, loss_from, end))
         if not (finite and math.isfinite(norm)):
-            return self.nonfinite(info, "the loss or its gradients are not finite" + cause, state_n, split_state)
+            return self.nonfinite(info, "the loss or its gradients are not finite" + cause, state_n,
+                                  split_state) + (count,)
         if self.clip_value is not None:
             clip_grad_value(self.modules, self.clip_value)
         self.emit("on_update", info)
@@ -219,10 +234,30 @@ class Trainer:
             self.optimizer.step()
         if not self.parameters_finite():
             self.restore(before)
-            return self.nonfinite(info, "the update made parameters non-finite (undone)", state_n, split_state)
+            return self.nonfinite(info, "the update made parameters non-finite (undone)", state_n,
+                                  split_state) + (count,)
         self.updates += 1
         self.nonfinite_in_row = 0
-        return loss, norm, state_n, split_state
+        return loss, norm, state_n, split_state, count
+
+    def allreduce(self, loss, finite, count):
+        """Distributed: every rank's gradients replaced by the whole batch's (one allreduce, see
+        gpurnn.distributed). Returns the whole batch's loss, whether every rank's loss and gradients were finite,
+        and its number of targets; a stop signal any rank received is kept for stop_signal."""
+        grads = [m.grads[k] for m in self.modules for k in m.params]
+        agreed = self.distributed.allreduce_gradients(grads, count, loss, finite, self._interrupted)
+        if self._agreed is None:
+            self._agreed = agreed.signum
+        return agreed.loss, agreed.finite, agreed.count
+
+    def collective(self, error):
+        """`error`, marked (when distributed) as raised by every rank at the same point."""
+        return error if self.distributed is None else self.distributed.collective(error)
+
+    def stop_signal(self):
+        """The signal fit stops on: this process's, or, distributed, the first one any rank received (known to
+        every rank at the same update, so all stop after the same batch)."""
+        return self._interrupted if self.distributed is None else self._agreed
 
     def nonfinite(self, info, what, state_n, split_state):
         """A window that made no update: raise (policy "raise", or too many in a row) or count it and go on."""
@@ -233,16 +268,18 @@ class Trainer:
         values = f"loss {info['loss']:.4g}, gradient norm {info['grad_norm']:.4g}"
         self.zero_grad()
         if self.nan_policy == "raise":
-            raise NonFiniteError(f"{where}: {what} ({values}; nan_policy='raise')")
+            raise self.collective(NonFiniteError(f"{where}: {what} ({values}; nan_policy='raise')"))
         if self.nonfinite_in_row >= self.max_nonfinite_in_row:
             lr = getattr(self.optimizer, "lr", None)
             cause = "the learning rate" + (f" ({lr:g})" if isinstance(lr, (int, float)) else "")
-            raise NonFiniteError(f"{where}: {what} ({values}) in {self.nonfinite_in_row} updates in a row; "
-                                 f"stopped: {cause} is likely too high" +
-                                 ("" if "update" in what else ", or the data holds NaN/Inf"))
+            raise self.collective(NonFiniteError(
+                f"{where}: {what} ({values}) in {self.nonfinite_in_row} updates in a row; stopped: {cause} is "
+                f"likely too high" + ("" if "update" in what else ", or the data holds NaN/Inf")))
         self.skipped += 1
-        keep = (lambda s: s if s is not None and all_finite(s) else None)
-        return None, info["grad_norm"], keep(state_n), keep(split_state)
+        keep = [s is not None and all_finite(s) for s in (state_n, split_state)]
+        if self.distributed is not None:         # a state some rank drops, every rank drops, as one process would
+            keep = self.distributed.all_ranks(keep)
+        return None, info["grad_norm"], state_n if keep[0] else None, split_state if keep[1] else None
 
     def parameters(self):
         return [p for m in self.modules for p in m.params.values()]
@@ -296,11 +333,13 @@ class Trainer:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
         if not callable(data):
             raise TypeError(f"data must be a callable data(step, rng) -> (inputs, target), got {type(data).__name__}")
+        if self.distributed is not None:
+            self.distributed.broadcast_parameters(self.parameters())
         bar = self.progress_bar(steps)
         previous = self.install_signal_handlers()
         last = None                   # (step, path) of this fit's latest checkpoint
         try:
-            while self.step < steps and self._interrupted is None:
+            while self.step < steps and self.stop_signal() is None:
                 stats = self.train_batch(data(self.step, self.rng))
                 self.step += 1
                 self.history.append(stats)
@@ -308,24 +347,24 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:.0f}", refresh=False)
-                if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self._interrupted is None:
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self.stop_signal() is None:
                     last = (self.step, self.save())
             if self.checkpoint_dir is not None and (last is None or last[0] != self.step):
                 last = (self.step, self.save())
-            if self._interrupted is not None:
-                raise Interrupted(self._interrupted, last and last[1])
+            if self.stop_signal() is not None:
+                raise self.collective(Interrupted(self.stop_signal(), last and last[1]))
         finally:
             if bar is not None:
                 bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-            self._interrupted = None
+            self._interrupted = self._agreed = None
         return self.history
 
     def progress_bar(self, steps):
         import sys
         show = self.progress if self.progress is not None else sys.stderr.isatty()
-        if not show or self.step >= steps:
+        if not show or self.step >= steps or (self.distributed is not None and self.distributed.rank != 0):
             return None
         from tqdm import tqdm
         return tqdm(total=steps, initial=self.step, unit="step", dynamic_ncols=True)
@@ -345,15 +384,18 @@ class Trainer:
                 (getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name))}
 
     def state_dict(self):
-        """Everything needed to continue exactly: parameters, optimizer, RNGs, data position, carried state."""
+        """Everything needed to continue exactly: parameters, optimizer, RNGs, data position, carried state.
+        Distributed: the whole batch's carried state, gathered from every rank (so every rank must call it), and no
+        other per-rank state, so a run resumes on any number of ranks."""
         model = self.model
+        state = self.state if self.distributed is None else self.distributed.gather_rows(self.state)
         sample_rng = getattr(model, "sample_rng", None)
         return dict(model_config=getattr(model, "config", {"kind": type(model).__name__}),
                     model=model.state_dict(), optimizer=self.optimizer.state_dict(),
                     trainer=dict(step=self.step, updates=self.updates, skipped=self.skipped,
                                  rng=self.rng.bit_generator.state,
                                  sample_rng=None if sample_rng is None else sample_rng.bit_generator.state,
-                                 state=map_state(lambda s: to_host(s, copy=True), self.state),
+                                 state=map_state(lambda s: to_host(s, copy=True), state),
                                  history=list(self.history), tbptt=self.tbptt, stateful=self.stateful))
 
     def load_state_dict(self, sd):
@@ -378,6 +420,8 @@ class Trainer:
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"trainer.{name} is not a {type(probe).__name__} state ({e})") from None
         carried = self.carried_state(t["state"])
+        if self.distributed is not None:
+            carried = self.distributed.local_rows(carried)          # this rank's rows of the whole batch's
         model_before, optimizer_before = self.model.state_dict(), self.optimizer.state_dict()
         try:
             self.model.load_state_dict(sd["model"])
@@ -419,12 +463,16 @@ class Trainer:
     def save(self, extra=None):
         """Write a checkpoint to checkpoint_dir atomically, keeping the one before; returns its path.
         NonFiniteError when a parameter is not finite; CheckpointError (saying which earlier checkpoint is
-        intact) when the file cannot be written."""
+        intact) when the file cannot be written. Distributed: every rank calls it, rank 0 writes (the others
+        return None)."""
         if self.checkpoint_dir is None:
             raise ValueError("this trainer has no checkpoint_dir")
         if not self.parameters_finite():
-            raise NonFiniteError(f"step {self.step}: not saving a checkpoint, the parameters are not finite")
+            raise self.collective(NonFiniteError(f"step {self.step}: not saving a checkpoint, the parameters are "
+                                                 f"not finite"))
         payload = self.state_dict()
+        if self.distributed is not None and self.distributed.rank != 0:
+            return None
         payload["extra"] = dict(self.extra if extra is None else extra)
         try:
             path = checkpoint.save(self.checkpoint_dir, payload, keep_previous=True)

@@ -17,6 +17,8 @@ def test_readme_example_runs(name, code, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)             # examples that write files write them here
     if "import torch" in code:
         pytest.importorskip("torch")
+    if "gpurnn.distributed" in code:
+        pytest.importorskip("mpi4py")
     namespace = {"__name__": "readme"}
     exec(compile(code, f"README.md:{name}", "exec"), namespace)
     if name == "classifier":
