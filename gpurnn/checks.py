@@ -1,16 +1,45 @@
 """Validation of user input: every error names the argument and what was expected. Nothing here mutates."""
+import functools
 import math
 import os
 
 import numpy as np
 
-from .backend import array_device, as_array, to_host, xp_for
+from .backend import array_device, array_module, as_array, to_host, xp_for
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class NonFiniteError(ValueError):
     """An array holds NaN or Inf: bad input from a user, or a diverged value mid-training."""
+
+
+CHECK_FINITE = True
+"""Whether layers check for NaN and Inf, unless a module's own `check_finite` attribute says otherwise (None: follow
+this). On: inputs, states and upstream gradients (named), parameters at forward (named), each sweep's output and
+every gradient before it is added into `grads` raise NonFiniteError, and a failed call changes nothing. Off: NaN and
+Inf flow through to the loss unchecked (no check costs a host sync on a GPU). Losses follow this default."""
+
+
+def finite_checks(module=None):
+    """True when `module` (None: no module) checks for NaN/Inf: its `check_finite`, or CHECK_FINITE when unset."""
+    own = getattr(module, "check_finite", None)
+    return CHECK_FINITE if own is None else bool(own)
+
+
+def ensure_finite(module, arrays, message):
+    """NonFiniteError(message(name)) for the first of `arrays` (name -> array or None) holding NaN or Inf, when
+    `module` checks (see finite_checks). All arrays are tested on their device and read back in one transfer."""
+    if not finite_checks(module):
+        return
+    named = [(k, a) for k, a in arrays.items() if a is not None and a.size]
+    if not named:
+        return
+    xp = array_module(named[0][1])
+    ok = to_host(xp.stack([xp.isfinite(a).all() for _, a in named]))
+    for (name, _), good in zip(named, ok):
+        if not good:
+            raise NonFiniteError(message(name))
 
 
 def float_dtype(dtype):
@@ -96,8 +125,9 @@ def convert(a, device, name):
     return a
 
 
-def array(a, name, device, dtype, shape=None, ndim=None, finite=True):
-    """`a` as an xp array on `device` with `dtype`, checked for shape (None entries match any size) and NaN/Inf."""
+def array(a, name, device, dtype, shape=None, ndim=None, finite=None):
+    """`a` as an xp array on `device` with `dtype`, checked for shape (None entries match any size) and, when
+    `finite` (None: CHECK_FINITE), for NaN/Inf."""
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
     where = array_device(a)
@@ -114,7 +144,7 @@ def array(a, name, device, dtype, shape=None, ndim=None, finite=True):
         if len(shape) != a.ndim or any(s is not None and s != d for s, d in zip(shape, a.shape)):
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name} must have shape {want}, got {tuple(a.shape)}")
-    if finite and a.size and not bool(xp_for(device).isfinite(a).all()):
+    if (CHECK_FINITE if finite is None else finite) and a.size and not bool(xp_for(device).isfinite(a).all()):
         raise NonFiniteError(f"{name} contains NaN or Inf")
     return a
 
@@ -135,7 +165,9 @@ def lengths(lengths, batch, steps, device):
 
 
 def check_ctx(ctx, owner, kind):
-    """`ctx` when it is a `kind` made by `owner`'s forward; TypeError or ValueError saying what it is instead."""
+    """`ctx` when it is a `kind` made by `owner`'s forward and not yet used by a backward (unless made with
+    retain=True); TypeError or ValueError saying what it is instead. The backward marks it used (`ctx.used = True`)
+    once it has succeeded, so a backward that raised leaves it usable."""
     name = type(owner).__name__
     if not isinstance(ctx, kind):
         raise TypeError(f"ctx must be the ctx returned by this {name}'s forward(training=True), "
@@ -143,7 +175,22 @@ def check_ctx(ctx, owner, kind):
     if ctx.owner is not owner:
         raise ValueError(f"ctx was made by the forward of another {type(ctx.owner).__name__} ({ctx.owner!r}), "
                          f"not of this {name} ({owner!r}); pass the ctx that this {name}'s forward returned")
+    if ctx.used and not ctx.retain:
+        raise ValueError("this ctx was already used by backward; pass retain=True to forward to backpropagate "
+                         "through it again")
     return ctx
+
+
+def consumes_ctx(backward):
+    """Decorates a backward(self, ctx, ...) whose ctx has `retain` and `used` (checked by check_ctx): marks the
+    ctx used once backward has returned, so it serves one backward unless made with retain=True, and one that
+    raised leaves it usable."""
+    @functools.wraps(backward)
+    def run(self, ctx, *args, **kwargs):
+        out = backward(self, ctx, *args, **kwargs)
+        ctx.used = True
+        return out
+    return run
 
 
 def mapping_problems(expected, mapping, label=None):

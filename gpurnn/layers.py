@@ -24,9 +24,21 @@ class LayerCtx:
     batch_first: bool
     shape: tuple            # (T, B) of the call
     rev_index: object       # (T, B, 1) time gather for the reverse direction, None when every length is T
-    inputs: list            # per layer: its input (T, B, in_l)
+    inputs: list            # per layer: its input (T, B, in_l), never the caller's array
     sweeps: list = field(default_factory=list)   # per layer*D + direction: the kernel ctx
     masks: list = field(default_factory=list)    # dropout: per layer but the last, (T, B, D*H) in {0, 1/(1-p)}
+    retain: bool = False    # backward may run on it more than once
+    used: bool = False      # a backward has run on it
+
+
+def private(a, caller, training):
+    """`a` when it shares no memory with the caller's array `caller` (or nothing is kept: not `training`), else a
+    copy: what a ctx keeps must not change when the caller edits its own arrays in place."""
+    return a.copy() if training and array_module(a).may_share_memory(a, caller) else a
+
+
+def not_finite(what):
+    return lambda name: f"{what.format(name)} is not finite: overflow"
 
 
 def reverse_time(a, rev_index):
@@ -106,32 +118,41 @@ class _Recurrent(Module):
                 raise TypeError(f"{name} for an LSTM must be a tuple (h, c), got {type(state).__name__}")
         else:
             state = (state,)
-        return tuple(checks.array(s, f"{name}[{p}]" if len(parts) > 1 else name, self.device, self.dtype, shape)
-                     for s, p in zip(state, parts))
+        return tuple(checks.array(s, f"{name}[{p}]" if len(parts) > 1 else name, self.device, self.dtype, shape,
+                                  finite=checks.finite_checks(self)) for s, p in zip(state, parts))
 
     def _time_major(self, a):
         return self.xp.ascontiguousarray(a.transpose(1, 0, 2)) if self.batch_first else a
 
-    def forward(self, x, state=None, lengths=None, training=None):
+    def forward(self, x, state=None, lengths=None, training=None, retain=False):
         """y, state_n, ctx. x: (T, B, I) or (B, T, I) with batch_first; state: h or (h, c), (L*D, B, H).
-        training: save a ctx for backward and apply dropout (None: the module's train()/eval() mode)."""
+        training: save a ctx for backward and apply dropout (None: the module's train()/eval() mode).
+
+        The ctx keeps private copies of x and state where it would otherwise keep the caller's arrays, so editing
+        them in place after forward does not change what backward computes. It serves one backward unless
+        `retain`. NaN/Inf in x, state or a parameter, or an output that overflows, raise checks.NonFiniteError
+        (see checks.CHECK_FINITE and the layer's `check_finite`).
+        """
         training = self.is_training(training)
         xp = self.xp
-        x = checks.array(x, "x", self.device, self.dtype, ndim=3)
-        x = self._time_major(x)
+        x_in = x = checks.array(x, "x", self.device, self.dtype, ndim=3, finite=checks.finite_checks(self))
+        x = private(self._time_major(x), x_in, training)
         T, B, I = x.shape
         if T == 0 or B == 0:
             raise ValueError(f"x must have at least one step and one batch entry, got shape {tuple(x.shape)}")
         if I != self.input_size:
             raise ValueError(f"x has {I} features but the layer's input_size is {self.input_size}")
         state0 = self._check_state(state, B, "state")
+        if state is not None and training:
+            state0 = tuple(s.copy() for s in state0)
         lens, ragged = checks.lengths(lengths, B, T, self.device)
+        checks.ensure_finite(self, self.params, lambda k: f"{k} contains NaN or Inf")
         name = resolve(self.backend, self.device)
         K = kernels(name)
         opts = {} if name == "numpy" else {"sweep": self.sweep}
         H, D, G = self.hidden_size, self.num_directions, GATES[self.cell]
         rev_index = reverse_index(lens, T, xp) if (ragged and D == 2) else None
-        ctx = LayerCtx(self, name, self.batch_first, (T, B), rev_index, [])
+        ctx = LayerCtx(self, name, self.batch_first, (T, B), rev_index, [], retain=retain)
         state_n = tuple(xp.empty_like(s) for s in state0)
         inp = x
         for layer in range(self.num_layers):
@@ -150,6 +171,8 @@ class _Recurrent(Module):
                 k = layer * D + d
                 y, s_n, kctx = K.forward(self.cell, xw, p[f"weight_hh{suffix}"], b_hh,
                                          tuple(s[k] for s in state0), lens, training, **opts)
+                checks.ensure_finite(self, {"y": y, **dict(enumerate(s_n))},
+                                     not_finite(f"the output of layer {layer} (direction {d})"))
                 if D == 1:         # (T, B, H); a copy when training, since backward reads the sweep's own y
                     out = y.copy() if training else y
                 else:
@@ -165,6 +188,7 @@ class _Recurrent(Module):
         h_n = state_n if self.cell == "lstm" else state_n[0]
         return y, h_n, (ctx if training else None)
 
+    @checks.consumes_ctx
     def backward(self, ctx, dy, dstate=None):
         """dx, dstate0. Accumulates into self.grads. dy like y; dstate like the returned state, or None."""
         checks.check_ctx(ctx, self, LayerCtx)
@@ -172,7 +196,8 @@ class _Recurrent(Module):
         T, B = ctx.shape
         H, D = self.hidden_size, self.num_directions
         want = (B, T, D * H) if self.batch_first else (T, B, D * H)
-        dy = self._time_major(checks.array(dy, "dy", self.device, self.dtype, want))
+        dy = self._time_major(checks.array(dy, "dy", self.device, self.dtype, want,
+                                           finite=checks.finite_checks(self)))
         dstate_n = self._check_state(dstate, B, "dstate")
         K = kernels(ctx.backend)
         p = self.params
@@ -214,6 +239,8 @@ class _Recurrent(Module):
             dout = dinp.reshape(T, B, -1)
             if layer and ctx.masks:           # layer's input was out_{layer-1} * mask: d out = d input * mask
                 dout = dout * ctx.masks[layer - 1]
+        checks.ensure_finite(self, {**new_grads, "x": dout, **{f"state[{part}]": g for part, g in zip("hc", dstate0)}},
+                             not_finite("the gradient of {}"))
         for k, g in new_grads.items():
             self.grads[k] += g
         dx = self._time_major(dout)
@@ -303,11 +330,14 @@ class JordanRNN(Module):
                 f"nonlinearity={self.nonlinearity!r}, output_nonlinearity={self.output_nonlinearity!r}, "
                 f"dtype={self.dtype.name}, device={self.device!r})")
 
-    def forward(self, x, state=None, lengths=None, training=None):
-        """y (T, B, O), state_n (1, B, O), ctx. `state` is y_{-1} (1, B, O), zeros when None."""
+    def forward(self, x, state=None, lengths=None, training=None, retain=False):
+        """y (T, B, O), state_n (1, B, O), ctx. `state` is y_{-1} (1, B, O), zeros when None.
+        Private copies, `retain` and NaN/Inf checks as in RNN.forward."""
         training = self.is_training(training)
         xp, p = self.xp, self.params
-        x = checks.array(x, "x", self.device, self.dtype, ndim=3)
+        finite = checks.finite_checks(self)
+        x_in = x = checks.array(x, "x", self.device, self.dtype, ndim=3, finite=finite)
+        x = private(x, x_in, training)
         T, B, I = x.shape
         if T == 0 or B == 0:
             raise ValueError(f"x must have at least one step and one batch entry, got shape {tuple(x.shape)}")
@@ -315,31 +345,38 @@ class JordanRNN(Module):
             raise ValueError(f"x has {I} features but the layer's input_size is {self.input_size}")
         shape = (1, B, self.output_size)
         y0 = xp.zeros(shape, self.dtype) if state is None else checks.array(state, "state", self.device,
-                                                                               self.dtype, shape)
+                                                                               self.dtype, shape, finite=finite)
+        y0 = y0.copy() if state is not None and training else y0
         lens, _ = checks.lengths(lengths, B, T, self.device)
+        checks.ensure_finite(self, p, lambda k: f"{k} contains NaN or Inf")
         name = resolve(self.backend, self.device)
         xw = xp.matmul(x.reshape(T * B, I), p["weight_ih"].T).reshape(T, B, -1) + p["bias_h"]
         y, y_n, kctx = kernels(name).jordan_forward(xw, p["weight_yh"], p["weight_hy"], p["bias_y"], y0[0], lens,
                                                     self.nonlinearity, self.output_nonlinearity, training)
-        ctx = LayerCtx(self, name, False, (T, B), None, [x], [kctx]) if training else None
-        return y, y_n[None], ctx
+        checks.ensure_finite(self, {"y": y}, not_finite("the output of the Jordan layer"))
+        ctx = LayerCtx(self, name, False, (T, B), None, [x], [kctx], retain=retain) if training else None
+        return (y.copy() if training else y), y_n[None], ctx          # the sweep's y stays the ctx's own
 
+    @checks.consumes_ctx
     def backward(self, ctx, dy, dstate=None):
         """dx (T, B, I), dstate0 (1, B, O). Accumulates into self.grads."""
         checks.check_ctx(ctx, self, LayerCtx)
         xp, p = self.xp, self.params
         T, B = ctx.shape
         O, H = self.output_size, self.hidden_size
-        dy = checks.array(dy, "dy", self.device, self.dtype, (T, B, O))
+        finite = checks.finite_checks(self)
+        dy = checks.array(dy, "dy", self.device, self.dtype, (T, B, O), finite=finite)
         dy_n = (xp.zeros((B, O), self.dtype) if dstate is None
-                else checks.array(dstate, "dstate", self.device, self.dtype, (1, B, O))[0])
+                else checks.array(dstate, "dstate", self.device, self.dtype, (1, B, O), finite=finite)[0])
         x, kctx = ctx.inputs[0], ctx.sweeps[0]
         dph, dpy, dy0 = kernels(ctx.backend).jordan_backward(kctx, dy, dy_n)
         dph2d, dpy2d = dph.reshape(T * B, H), dpy.reshape(T * B, O)
         y_prev = xp.concatenate([kctx.y0[None], kctx.y[:-1]], axis=0).reshape(T * B, O)
-        self.grads["weight_ih"] += dph2d.T @ x.reshape(T * B, -1)
-        self.grads["weight_yh"] += dph2d.T @ y_prev
-        self.grads["bias_h"] += dph2d.sum(axis=0)
-        self.grads["weight_hy"] += dpy2d.T @ kctx.h.reshape(T * B, H)
-        self.grads["bias_y"] += dpy2d.sum(axis=0)
-        return (dph2d @ p["weight_ih"]).reshape(T, B, -1), dy0[None]
+        new_grads = {"weight_ih": dph2d.T @ x.reshape(T * B, -1), "weight_yh": dph2d.T @ y_prev,
+                     "bias_h": dph2d.sum(axis=0), "weight_hy": dpy2d.T @ kctx.h.reshape(T * B, H),
+                     "bias_y": dpy2d.sum(axis=0)}
+        dx = (dph2d @ p["weight_ih"]).reshape(T, B, -1)
+        checks.ensure_finite(self, {**new_grads, "x": dx, "state": dy0}, not_finite("the gradient of {}"))
+        for k, g in new_grads.items():
+            self.grads[k] += g
+        return dx, dy0[None]

@@ -10,6 +10,9 @@ dropout=p: on the embedding's output, between stacked recurrent layers and on th
 head (the recipe of PyTorch's word language model), in training only.
 Time-major shapes: x (T, B, I) or ids (T, B) ((B, T, ...) with batch_first); state as the recurrent layer's
 (h, or (h, c) for the LSTM).
+A model's ctx serves one backward unless forward had `retain=True` (its parts' ctxs are retained, so the model's
+own ctx counts); a backward that raised leaves it usable, though the parts it had run may have added to their
+`grads` (the trainer zeroes them after a failed window).
 """
 import inspect
 
@@ -20,7 +23,7 @@ from .backend import to_host
 from .layers import GRU, LSTM, RNN, JordanRNN
 from .module import Module
 from .nn import Dropout, Embedding, Linear, SavedCtx, saved
-from .sequential import Sequential, chain_backward, chain_forward
+from .sequential import Sequential, chain_backward, chain_forward, retained
 
 RNN_CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid")
 
@@ -135,14 +138,15 @@ class Tagger(SequenceModel):
     def blocks(self):
         return self.recurrent_blocks() + self.head_blocks()
 
-    def forward(self, x, state=None, lengths=None, training=None):
+    def forward(self, x, state=None, lengths=None, training=None, retain=False):
         """out (T, B, O), state_n, ctx."""
         training = self.is_training(training)
         if "embedding" in self._modules:
             check_ids(x, "x", self._config.get("batch_first", False))
         out, (state_n,), ctxs = chain_forward(self.blocks(), x, [state], lengths, training)
-        return out, state_n, (SavedCtx(self, ctxs) if training else None)
+        return out, state_n, (SavedCtx(self, ctxs, retain) if training else None)
 
+    @checks.consumes_ctx
     def backward(self, ctx, dout, dstate=None):
         """dx (None for ids), dstate0. dout: (T, B, O)."""
         dx, (dstate0,) = chain_backward(self.blocks(), saved(ctx, self), dout, [dstate])
@@ -235,7 +239,7 @@ class Classifier(SequenceModel):
                               cell, num_layers, dropout, dtype, batch_first=checks.flag(batch_first, "batch_first"))
         super().__init__(config, build_stack(config, backend, seed))
 
-    def forward(self, x, state=None, lengths=None, training=None):
+    def forward(self, x, state=None, lengths=None, training=None, retain=False):
         """out (B, O), state_n, ctx."""
         training = self.is_training(training)
         batch_first = self._config["batch_first"]
@@ -247,8 +251,9 @@ class Classifier(SequenceModel):
         last = xp.full(B, T - 1) if lengths is None else xp.asarray(lengths).astype(np.int64) - 1   # (B,)
         rows = (xp.arange(B), last) if batch_first else (last, xp.arange(B))
         out, _, hctxs = chain_forward(self.head_blocks(), y[rows], [], None, training)             # (B, O)
-        return out, state_n, (SavedCtx(self, (rctxs, hctxs, rows, y.shape)) if training else None)
+        return out, state_n, (SavedCtx(self, (rctxs, hctxs, rows, y.shape), retain) if training else None)
 
+    @checks.consumes_ctx
     def backward(self, ctx, dout, dstate=None):
         """dx (None for ids), dstate0. dout: (B, O)."""
         rctxs, hctxs, rows, shape = saved(ctx, self)
@@ -323,17 +328,19 @@ class Generator(SequenceModel):
         """state0 from v (B, I): h0 (L, B, H) = tanh(v W^T + b), c0 = 0."""
         L, H = self.rnn.num_layers, self.rnn.hidden_size
         pre, ictx = self.parts["init"].forward(v, training=training)            # (B, L*H)
+        retained(ictx)
         h0 = self.xp.ascontiguousarray(self.xp.tanh(pre).reshape(-1, L, H).transpose(1, 0, 2))   # (L, B, H)
         return lstm_state(self._config["cell"], h0, self.xp), (ictx, h0)
 
-    def forward(self, v, targets, training=None):
+    def forward(self, v, targets, training=None, retain=False):
         """logits (T, B, vocab_size), state_n, ctx."""
         training = self.is_training(training)
         inputs = self.decoder.inputs(targets)
         state0, ictx = self.initial_state(v, training)
         out, state_n, dctxs = self.decoder.forward(inputs, state0, training)
-        return out, state_n, (SavedCtx(self, (ictx, dctxs)) if training else None)
+        return out, state_n, (SavedCtx(self, (ictx, dctxs), retain) if training else None)
 
+    @checks.consumes_ctx
     def backward(self, ctx, dout, dstate=None):
         """dv (B, I), None. dout: (T, B, vocab_size)."""
         (ictx, h0), dctxs = saved(ctx, self)
@@ -373,14 +380,15 @@ class Seq2Seq(SequenceModel):
         y, (state,), ctxs = chain_forward(blocks, src, [None], src_lengths, training)
         return state, (ctxs, y.shape)
 
-    def forward(self, src, tgt, src_lengths=None, training=None):
+    def forward(self, src, tgt, src_lengths=None, training=None, retain=False):
         """logits (T, B, tgt_vocab), decoder state_n, ctx. tgt: (T, B) ids, < 0 for padding."""
         training = self.is_training(training)
         inputs = self.decoder.inputs(tgt)
         state, ectx = self.encode(src, src_lengths, training)
         out, state_n, dctxs = self.decoder.forward(inputs, state, training)
-        return out, state_n, (SavedCtx(self, (ectx, dctxs)) if training else None)
+        return out, state_n, (SavedCtx(self, (ectx, dctxs), retain) if training else None)
 
+    @checks.consumes_ctx
     def backward(self, ctx, dout, dstate=None):
         """None, None (ids take no gradient). dout: (T, B, tgt_vocab)."""
         (ectxs, shape), dctxs = saved(ctx, self)

@@ -50,6 +50,7 @@ class Parameter:
 class Module:
     """Own parameters and gradients, named children, a training mode and a config (see the module docstring)."""
     stateful = False
+    check_finite = None    # NaN/Inf checks: True/False for this module, None follows checks.CHECK_FINITE
 
     def __init__(self, dtype=None, backend="auto", seed=None):
         object.__setattr__(self, "_modules", {})

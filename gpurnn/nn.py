@@ -17,9 +17,11 @@ from .sequential import Sequential  # noqa: F401 (part of gpurnn.nn's API)
 
 @dataclass
 class SavedCtx:
-    """What one `forward` call leaves for its `backward`."""
+    """What one `forward` call leaves for its `backward`: private arrays, never the caller's."""
     owner: object
     saved: tuple
+    retain: bool = False    # backward may run on it more than once
+    used: bool = False      # a backward has run on it
 
 
 def saved(ctx, owner):
@@ -85,26 +87,36 @@ class Linear(Module):
         return (f"Linear({self.in_features}, {self.out_features}, bias={'bias' in self.params}, "
                 f"dtype={self.dtype.name}, device={self.device!r})")
 
-    def forward(self, x, training=None):
-        """y (..., O), ctx. x: (..., I)."""
+    def forward(self, x, training=None, retain=False):
+        """y (..., O), ctx. x: (..., I). The ctx keeps a copy of x; it serves one backward unless `retain`.
+        NaN/Inf in x or the parameters, or an overflowing y, raise checks.NonFiniteError (see checks.CHECK_FINITE)."""
         training = self.is_training(training)
-        x = checks.array(x, "x", self.device, self.dtype)
+        x = checks.array(x, "x", self.device, self.dtype, finite=checks.finite_checks(self))
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., {self.in_features}) (in_features last), got {tuple(x.shape)}")
+        checks.ensure_finite(self, self.params, lambda k: f"{k} contains NaN or Inf")
         y = x.reshape(-1, self.in_features) @ self.params["weight"].T       # (N, O)
         if "bias" in self.params:
             y += self.params["bias"]
-        return y.reshape(x.shape[:-1] + (self.out_features,)), (SavedCtx(self, (x,)) if training else None)
+        checks.ensure_finite(self, {"y": y}, lambda _: "the output of Linear is not finite: overflow")
+        return y.reshape(x.shape[:-1] + (self.out_features,)), (SavedCtx(self, (x.copy(),), retain) if training
+                                                                else None)
 
+    @checks.consumes_ctx
     def backward(self, ctx, dy):
         """dx (..., I). dy: (..., O). Adds dW = dy^T x and db = sum dy into grads."""
         (x,) = saved(ctx, self)
-        dy = checks.array(dy, "dy", self.device, self.dtype, x.shape[:-1] + (self.out_features,))
+        dy = checks.array(dy, "dy", self.device, self.dtype, x.shape[:-1] + (self.out_features,),
+                          finite=checks.finite_checks(self))
         dy2d, x2d = dy.reshape(-1, self.out_features), x.reshape(-1, self.in_features)   # (N, O), (N, I)
-        self.grads["weight"] += dy2d.T @ x2d
+        new_grads = {"weight": dy2d.T @ x2d}
         if "bias" in self.params:
-            self.grads["bias"] += dy2d.sum(axis=0)
-        return (dy2d @ self.params["weight"]).reshape(x.shape)
+            new_grads["bias"] = dy2d.sum(axis=0)
+        dx = dy2d @ self.params["weight"]
+        checks.ensure_finite(self, {**new_grads, "x": dx}, lambda k: f"the gradient of {k} is not finite: overflow")
+        for k, g in new_grads.items():
+            self.grads[k] += g
+        return dx.reshape(x.shape)
 
 
 class Embedding(Module):
@@ -137,8 +149,9 @@ class Embedding(Module):
         return (f"Embedding({self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
                 f"dtype={self.dtype.name}, device={self.device!r})")
 
-    def forward(self, ids, training=None):
-        """y (..., E), ctx. ids: integer array of any shape, each in 0..V-1."""
+    def forward(self, ids, training=None, retain=False):
+        """y (..., E), ctx. ids: integer array of any shape, each in 0..V-1. The ctx keeps a copy of ids; it serves
+        one backward unless `retain`. NaN/Inf in the rows looked up raise checks.NonFiniteError."""
         training = self.is_training(training)
         ids = integer_input(ids, "ids", self.device)
         bad = (ids < 0) | (ids >= self.num_embeddings)
@@ -146,17 +159,21 @@ class Embedding(Module):
             values = sorted({int(v) for v in ids[bad].ravel()[:5].tolist()})
             raise ValueError(f"ids must lie in 0..{self.num_embeddings - 1} (num_embeddings), "
                              f"got out-of-range ids {values}")
-        return self.params["weight"][ids], (SavedCtx(self, (ids,)) if training else None)
+        y = self.params["weight"][ids]
+        checks.ensure_finite(self, {"weight": y}, lambda k: f"{k} contains NaN or Inf (in the rows of ids)")
+        return y, (SavedCtx(self, (ids.copy(),), retain) if training else None)
 
+    @checks.consumes_ctx
     def backward(self, ctx, dy):
         """None (ids take no gradient). dy: (..., E). Adds dW[v] = sum of dy over the positions holding id v."""
         (ids,) = saved(ctx, self)
-        dy = checks.array(dy, "dy", self.device, self.dtype, ids.shape + (self.embedding_dim,))
+        dy = checks.array(dy, "dy", self.device, self.dtype, ids.shape + (self.embedding_dim,),
+                          finite=checks.finite_checks(self))
         flat = ids.reshape(-1)                                   # (N,)
         dy2d = dy.reshape(-1, self.embedding_dim)                # (N, E)
         if self.padding_idx is not None:
             dy2d = self.xp.where((flat == self.padding_idx)[:, None], 0, dy2d).astype(self.dtype, copy=False)
-        scatter_add(self.grads["weight"], flat, dy2d)
+        scatter_add(self.grads["weight"], flat, dy2d)     # finite dy: only a sum past float max could overflow
         return None
 
 
@@ -176,15 +193,16 @@ class Dropout(Module):
     def __repr__(self):
         return f"Dropout(p={self.p})"
 
-    def forward(self, x, training=None):
-        """y like x, ctx. x: a float array of any shape."""
+    def forward(self, x, training=None, retain=False):
+        """y like x, ctx (serving one backward unless `retain`). x: a float array of any shape."""
         training = self.is_training(training)
         x = float_input(x, "x")
         if not training:
             return x, None
         mask = self.dropout_mask(x, self.p) if self.p else None
-        return (x if mask is None else x * mask), SavedCtx(self, (x, mask))
+        return (x if mask is None else x * mask), SavedCtx(self, (x, mask), retain)   # backward reads x's shape
 
+    @checks.consumes_ctx
     def backward(self, ctx, dy):
         """dx = dy * mask. dy: like x."""
         x, mask = saved(ctx, self)

@@ -20,10 +20,20 @@ class ChainCtx:
     """What a chain's forward leaves for its backward: one ctx per module, in order."""
     owner: object
     ctxs: list
+    retain: bool = False    # backward may run on it more than once
+    used: bool = False      # a backward has run on it
+
+
+def retained(ctx):
+    """`ctx` set to serve any number of backward runs (when it counts them): a container's parts' ctxs, whose
+    use the container's own ctx counts."""
+    if hasattr(ctx, "retain"):
+        ctx.retain = True
+    return ctx
 
 
 def chain_forward(blocks, x, states, lengths, training):
-    """Run `blocks` in order: y, [state_n of each stateful block], [ctx of each block]."""
+    """Run `blocks` in order: y, [state_n of each stateful block], [ctx of each block, retained]."""
     states = iter(states)
     states_n, ctxs = [], []
     for m in blocks:
@@ -32,7 +42,7 @@ def chain_forward(blocks, x, states, lengths, training):
             states_n.append(state_n)
         else:
             x, ctx = m.forward(x, training=training)
-        ctxs.append(ctx)
+        ctxs.append(retained(ctx))
     return x, states_n, ctxs
 
 
@@ -101,15 +111,16 @@ class Sequential(Module):
     def join(states):
         return states[0] if len(states) == 1 else (states or None)
 
-    def forward(self, x, state=None, lengths=None, training=None):
-        """y, state_n, ctx."""
+    def forward(self, x, state=None, lengths=None, training=None, retain=False):
+        """y, state_n, ctx (serving one backward unless `retain`)."""
         training = self.is_training(training)
         states = self.split(state, "state")
         if lengths is not None and not any(m.stateful for m in self._modules.values()):
             raise ValueError("lengths needs a recurrent module in the Sequential")
         y, states_n, ctxs = chain_forward(list(self._modules.values()), x, states, lengths, training)
-        return y, self.join(states_n), (ChainCtx(self, ctxs) if training else None)
+        return y, self.join(states_n), (ChainCtx(self, ctxs, retain) if training else None)
 
+    @checks.consumes_ctx
     def backward(self, ctx, dy, dstate=None):
         """dx (None when the first module takes ids), dstate0."""
         ctxs = checks.check_ctx(ctx, self, ChainCtx).ctxs

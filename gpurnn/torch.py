@@ -56,7 +56,8 @@ class _Sweep(torch.autograd.Function):
         if layer.dropout:       # masks from torch's generator: torch.manual_seed makes them reproducible
             layer.rng, layer._device_rng = np.random.default_rng(int(torch.randint(2 ** 62, ()).item())), None
         with stream_of(x):
-            y, state_n, gctx = layer.forward(to_array(x), state, lengths, training=save or layer.dropout > 0)
+            y, state_n, gctx = layer.forward(to_array(x), state, lengths, training=save or layer.dropout > 0,
+                                             retain=True)     # torch decides how often backward runs
         ctx.module, ctx.gctx, ctx.has_state = module, gctx if save else None, h0 is not None
         ctx.save_for_backward(*weights)         # torch then refuses a backward after in-place edits of them
         return tuple(to_tensor(a) for a in (y,) + (tuple(state_n) if lstm else (state_n,)))

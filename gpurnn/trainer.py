@@ -215,16 +215,17 @@ class Trainer:
                 split_state = state_n
             else:
                 loss, state_n, split_state = self.truncated(inputs[0], target, state0, start, loss_from, end, split)
-            finite = math.isfinite(loss)
-        except NonFiniteError:
-            loss, state_n, split_state, finite = math.nan, None, None, False
+            finite, cause = math.isfinite(loss), ""
+        except NonFiniteError as err:      # raised by a layer's checks: NaN/Inf in the data, a parameter or overflow
+            loss, state_n, split_state, finite, cause = math.nan, None, None, False, f": {err}"
         if self.distributed is not None:
             loss, finite, count = self.allreduce(loss, finite, count)
         norm = clip_grad_norm(self.modules, self.clip_norm if self.clip_norm is not None else math.inf) \
             if finite else math.nan
         info = dict(step=self.step, update=self.updates, loss=loss, grad_norm=norm, window=(start, loss_from, end))
         if not (finite and math.isfinite(norm)):
-            return self.nonfinite(info, "the loss or its gradients are not finite", state_n, split_state) + (count,)
+            return self.nonfinite(info, "the loss or its gradients are not finite" + cause, state_n,
+                                  split_state) + (count,)
         if self.clip_value is not None:
             clip_grad_value(self.modules, self.clip_value)
         self.emit("on_update", info)

@@ -8,13 +8,17 @@ Layout: the recurrent GEMM runs feature-major, ``W_hh (G*H, H) @ h^T (H, B) -> (
 1.4x the batch-major one here). One strided copy turns that block batch-major, so the step kernels run over
 contiguous rows and vectorise; every buffer is allocated once per sweep, nothing per step. The activated gates overwrite ``xw`` in place (it is what backward reads).
 
-Activations are float32 rational approximations (|error| < 3e-7) that vectorise; sigmoid(x) = (1 + tanh(x/2)) / 2
-as in the reference. Backward forms activation derivatives from the saved outputs, like the reference.
+Activations: tanh and sigmoid in float32 arithmetic that vectorises, within 1.4 ulp and monotone (see below); relu
+passes NaN on. Backward forms activation derivatives from the saved outputs, like the reference: exactly 0 where
+tanh is +-1 and sigmoid 0 or 1.
 """
+import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from . import numpy_ref
 
@@ -23,32 +27,111 @@ FAST = {"contract", "reassoc", "afn", "arcp", "nsz"}
 jit = njit(fastmath=FAST, error_model="numpy", cache=True, nogil=True)
 inline = njit(fastmath=FAST, error_model="numpy", cache=True, inline="always")
 
-TANH_CLAMP = np.float32(7.90531110763549805)   # tanh(x) rounds to +-1 in float32 beyond this
-# tanh(x) ~ x P(x^2) / Q(x^2), a minimax rational fit on [-7.9, 7.9]
-TANH_P = tuple(np.float32(v) for v in (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
-                                       5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
-                                       4.89352455891786e-03))
-TANH_Q = tuple(np.float32(v) for v in (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03,
-                                       4.89352518554385e-03))
-P0, P1, P2, P3, P4, P5, P6 = TANH_P
-Q0, Q1, Q2, Q3 = TANH_Q
-HALF, ONE, ZERO = np.float32(0.5), np.float32(1), np.float32(0)
 ACT_CODE = {"tanh": 0, "relu": 1, "sigmoid": 2, "identity": 3}
+ONE, ZERO = np.float32(1), np.float32(0)
+
+# tanh and sigmoid in float32 arithmetic that vectorises (no calls, no float64), from e^a = 2^n (1 + r q(r)), a >= 0:
+# n = floor(a / ln2) taken a little low, so r = a - n ln2 lies in [0, ln2 (1 + 2^-8)] (no clamping), q a polynomial;
+# then 1 / (1 + e^a) = 2^-n / ((1 + 2^-n) + r q) with one fused multiply-add and one division, relatively accurate
+# however small. sigmoid(x) is that at a = |x| for x < 0 and 1 minus it for x >= 0; tanh|x| = 1 - 2 / (1 + e^2|x|)
+# above TANH_SMALL, an odd polynomial below. Results near a saturation point are `1 - small`, so their rounding noise
+# is relative to the distance from the limit. Measured over every float32 input (tests/test_activations.py with
+# GPURNN_EXHAUSTIVE=1): tanh within 1.35 ulp, sigmoid within 1.32 ulp of the exact value, both monotone
+# non-decreasing; exactly +-1 / 0 / 1 wherever the correctly rounded value is; NaN in, NaN out; +-Inf give the limits.
+# Compiled apart from the FAST kernels with IEEE semantics (reassociation would undo the rounding trick and the
+# exact residuals); LLVM inlines them into the step kernels' loops, which still vectorise.
+exact = njit(fastmath=False, error_model="numpy", cache=True, nogil=True)   # set: not inherited from a caller
+F32 = np.float32
+INV_LN2_LOW = F32(1.44269504088896341 * (1 - 2.0 ** -16))   # 1 / ln2, a little low: n never exceeds floor(a / ln2)
+LN2_HI, LN2_LO = F32(0.693145751953125), F32(1.42860682030941723212e-06)   # ln2 = HI + LO, n HI exact for n < 2^8
+ROUNDER = F32(12582912.0)         # 1.5 * 2^23: v + ROUNDER rounds v to an integer n, held in its low bits
+A_MAX = F32(110.0)                # 1 / (1 + e^a) rounds to 0 from 103.98 on; a <= A_MAX keeps n <= 159
+TANH_A_MAX = F32(40.0)            # tanh rounds to 1 from 9.01 on; 2|x| <= TANH_A_MAX keeps 2^(1-n) normal
+UNSCALE = F32(2.0 ** -64)         # sigmoid works with 2^64 / (1 + e^a), a normal float32 for every a <= A_MAX
+TANH_SMALL = F32(0.55)            # below: the odd polynomial; above: 1 - 2 / (1 + e^2|x|) (then tanh > 0.5)
+# q(r) ~ (e^r - 1) / r on [0, ln2 (1 + 2^-8)], least-squares fit on Chebyshev nodes: 1 + r q within 0.57 2^-24 e^r
+Q5, Q4, Q3, Q2, Q1, Q0 = (F32(v) for v in (0.0019513999374820303, 0.007787333213802618, 0.04191845028500799,
+                                           0.16660902190470428, 0.5000059838156959, 0.9999997957582586))
+# (tanh x - x) / x^3 as a polynomial in x^2 on |x| <= TANH_SMALL, same fit (tanh within 1.26 ulp)
+T3, T2, T1, T0 = (F32(v) for v in (0.01641081536003305, -0.0526556027791566, 0.13320422641228552,
+                                   -0.3333292992485407))
 
 
-@inline
-def tanh(x):
-    x = x if x < TANH_CLAMP else TANH_CLAMP
-    x = x if x > -TANH_CLAMP else -TANH_CLAMP
-    x2 = x * x
-    p = ((((((P0 * x2 + P1) * x2 + P2) * x2 + P3) * x2 + P4) * x2 + P5) * x2 + P6)
-    q = (((Q0 * x2 + Q1) * x2 + Q2) * x2 + Q3)
-    return x * p / q
+@intrinsic
+def float32_bits(typingctx, x):
+    """The IEEE-754 bit pattern of a float32, as int32."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.int32(types.float32), codegen
 
 
-@inline
+@intrinsic
+def bits_float32(typingctx, i):
+    """The float32 whose bit pattern is the int32 i."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c rounded once (llvm.fma: a vector instruction where the CPU has FMA)."""
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@exact
+def exp_parts(a, bias):
+    """(p, c, r, q) with 2^bias / (1 + e^a) = p / (c + r q): p = 2^(bias-n), c = 1 + 2^-n (1 for n >= 24).
+
+    a: float32 in [0, A_MAX] or NaN (NaN in r and q); bias - n + 127 must lie in 1..254.
+    """
+    t = fma(a, INV_LN2_LOW, F32(-0.5)) + ROUNDER           # n + ROUNDER, n = floor(a / ln2) or one less
+    n = t - ROUNDER
+    r = fma(-n, LN2_LO, fma(-n, LN2_HI, a))                # a - n ln2 (Cody-Waite)
+    q = fma(fma(fma(fma(fma(Q5, r, Q4), r, Q3), r, Q2), r, Q1), r, Q0)
+    # 2^(bias-n): t holds n in its low bits; shifted left by 23 they are n's exponent field, mod 2^9
+    p = bits_float32(np.int32((127 + bias) << 23) - (float32_bits(t) << np.int32(23)))
+    return p, fma(p, F32(2.0 ** -bias), ONE), r, q
+
+
+@exact
 def sigmoid(x):
-    return HALF + HALF * tanh(HALF * x)
+    """1 / (1 + e^-x) of a float32: y = 1 / (1 + e^|x|) for x < 0, 1 - y for x >= 0.
+
+    y = 2^-n / ((1 + 2^-n) + r q) in units of 2^-64 (normal down to the last subnormal result). The denominator's
+    rounding error (with the 2^-n that c = 1 + 2^-n drops for n >= 24) and the quotient's (exact, by an fma) are
+    added back, so y is rounded once (a subnormal once more, by the final scaling).
+    """
+    a = abs(x)
+    a = A_MAX if a > A_MAX else a                          # NaN-preserving: NaN > c is False
+    p, c, r, q = exp_parts(a, 64)
+    den = fma(r, q, c)
+    den_lo = fma(r, q, (ONE - den) + p * UNSCALE)          # (1 + 2^-n + r q) - den; 1 - den is exact
+    y = p / den
+    res = fma(-y, den_lo, fma(-y, den, p))                 # p - y (den + den_lo); the inner fma is exact
+    y = fma(res, fma(F32(-0.5), den, F32(1.5)), y) * UNSCALE   # y + res / den, 1.5 - den/2 ~ 1 / den
+    return y if x < ZERO else ONE - y
+
+
+@exact
+def tanh(x):
+    """tanh of a float32: x + x^3 P(x^2) for |x| < TANH_SMALL, else 1 - 2 / (1 + e^2|x|); with the sign of x."""
+    ax = abs(x)
+    x2 = ax * ax
+    small = fma(ax * x2, fma(fma(fma(T3, x2, T2), x2, T1), x2, T0), ax)
+    a = F32(2) * ax
+    a = TANH_A_MAX if a > TANH_A_MAX else a
+    p, c, r, q = exp_parts(a, 1)
+    large = ONE - p / fma(r, q, c)
+    return math.copysign(small if ax < TANH_SMALL else large, x)
+
+
+@inline
+def relu(x):
+    """max(x, 0) with NaN passed through (x <= 0 is False for NaN)."""
+    return ZERO if x <= ZERO else x
 
 
 @inline
@@ -56,7 +139,7 @@ def act(code, x):
     if code == 0:
         return tanh(x)
     if code == 1:
-        return x if x > ZERO else ZERO
+        return relu(x)
     if code == 2:
         return sigmoid(x)
     return x
@@ -64,11 +147,12 @@ def act(code, x):
 
 @inline
 def act_grad(code, y):
-    """d act / d pre-activation from the output y (tanh' = 1 - y^2, sigmoid' = y (1 - y), relu' = [y > 0])."""
+    """d act / d pre-activation from the output y (tanh' = 1 - y^2, sigmoid' = y (1 - y), relu' = [y > 0];
+    relu' is 1 at NaN, as torch's threshold backward passes the gradient where y <= 0 is False)."""
     if code == 0:
         return ONE - y * y
     if code == 1:
-        return ONE if y > ZERO else ZERO
+        return ZERO if y <= ZERO else ONE
     if code == 2:
         return y * (ONE - y)
     return ONE

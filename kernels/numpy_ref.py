@@ -11,12 +11,22 @@ import numpy as np
 from . import JordanCtx
 
 
+def tanh(x):
+    """tanh; float32 computed in float64 and rounded once: within 0.5 ulp (plus float64's error, ~2^-29 ulp) of the
+    exact value, so exactly +-1 wherever the correctly rounded value is."""
+    return np.tanh(x.astype(np.float64, copy=False)).astype(x.dtype, copy=False)
+
+
 def sigmoid(x):
-    # 1 / (1 + e^-x) without overflow for large |x|
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+    """1 / (1 + e^-x), relatively accurate for every x (also tiny results): e = e^-|x| in [0, 1] never overflows,
+    then 1 / (1 + e) for x >= 0 and e / (1 + e) for x < 0. float32 goes through float64 as in tanh."""
+    x64 = x.astype(np.float64, copy=False)
+    e = np.exp(-np.abs(x64))
+    return (np.where(x64 < 0, e, 1.0) / (1.0 + e)).astype(x.dtype, copy=False)
 
 
 def relu(x):
+    """max(x, 0); NaN stays NaN (np.maximum propagates it)."""
     return np.maximum(x, 0)
 
 
@@ -24,17 +34,18 @@ def identity(x):
     return x
 
 
-ACT = {"tanh": np.tanh, "relu": relu, "sigmoid": sigmoid, "identity": identity}
+ACT = {"tanh": tanh, "relu": relu, "sigmoid": sigmoid, "identity": identity}
 
 
 def act_grad(name, y):
-    """d act / d pre-activation, from the activation's output y."""
+    """d act / d pre-activation, from the activation's output y; exactly 0 where tanh is +-1 and sigmoid 0 or 1.
+    relu' is 1 at NaN, as in torch (whose threshold backward passes the gradient where y <= 0 is False)."""
     if name == "tanh":
         return 1 - y * y
     if name == "sigmoid":
         return y * (1 - y)
     if name == "relu":
-        return (y > 0).astype(y.dtype)
+        return (~(y <= 0)).astype(y.dtype)
     return np.ones_like(y)
 
 
@@ -72,16 +83,16 @@ def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True):
             gh = h @ w_hh.T + b_hh                        # (B, 3H)
             r = sigmoid(xw[t, :, :H] + gh[:, :H])
             z = sigmoid(xw[t, :, H:2 * H] + gh[:, H:2 * H])
-            n = np.tanh(xw[t, :, 2 * H:] + r * gh[:, 2 * H:])
+            n = tanh(xw[t, :, 2 * H:] + r * gh[:, 2 * H:])
             h_new = (1 - z) * n + z * h
             gates[t] = np.concatenate([r, z, n], axis=1)
             hns[t] = gh[:, 2 * H:]
         elif cell == "lstm":
             g = xw[t] + h @ w_hh.T + b_hh                 # (B, 4H)
             i, f, o = sigmoid(g[:, :H]), sigmoid(g[:, H:2 * H]), sigmoid(g[:, 3 * H:])
-            gg = np.tanh(g[:, 2 * H:3 * H])
+            gg = tanh(g[:, 2 * H:3 * H])
             c_new = f * c + i * gg
-            h_new = o * np.tanh(c_new)
+            h_new = o * tanh(c_new)
             gates[t] = np.concatenate([i, f, gg, o], axis=1)
             c = np.where(m, c_new, c)
             cs[t] = c
@@ -112,7 +123,7 @@ def backward(ctx, dy, dstate_n):
         if cell == "lstm":
             i, f, g, o = (ctx.gates[t, :, k * H:(k + 1) * H] for k in range(4))
             c_prev = ctx.c[t - 1] if t > 0 else ctx.c0
-            tc = np.tanh(ctx.c[t])
+            tc = tanh(ctx.c[t])
             # h = o tanh(c):  do = dh tanh(c);  dc += dh o (1 - tanh^2 c)
             dc_t = dc + dh_t * o * (1 - tc * tc)
             # c = f c_prev + i g:  di = dc g, df = dc c_prev, dg = dc i, dc_prev = dc f

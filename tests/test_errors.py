@@ -14,7 +14,7 @@ def trained(request):
     """A layer with non-zero accumulated gradients, its snapshot, and a valid forward ctx."""
     layer = make_layer(request.param, 3, 4, num_layers=2, bidirectional=True, seed=0)
     x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
-    y, _, ctx = layer.forward(x)
+    y, _, ctx = layer.forward(x, retain=True)          # the tests below backpropagate through it again
     layer.backward(ctx, np.ones_like(y))
     snapshot = {k: (layer.params[k].copy(), layer.grads[k].copy()) for k in layer.params}
     yield layer, x, ctx, y

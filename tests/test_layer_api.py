@@ -27,7 +27,7 @@ def test_params_are_live(cell):
 def test_backward_accumulates(cell):
     layer = make_layer(cell, 3, 4, num_layers=2, seed=0, dtype="float64")
     x, state, lengths, dy, dstate = random_problem(layer, 5, 3, np.random.default_rng(1), ragged=True)
-    _, _, ctx = layer.forward(x, state, lengths)
+    _, _, ctx = layer.forward(x, state, lengths, retain=True)
     layer.backward(ctx, dy, dstate)
     once = {k: g.copy() for k, g in layer.grads.items()}
     layer.backward(ctx, dy, dstate)

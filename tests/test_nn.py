@@ -35,7 +35,7 @@ def test_linear_accumulates_and_matches_torch():
     bound = 1 / np.sqrt(5)
     assert all(np.abs(p).max() <= bound for p in lin.params.values())
     x, dy = rng.standard_normal((4, 5)), rng.standard_normal((4, 3))
-    y, ctx = lin.forward(x)
+    y, ctx = lin.forward(x, retain=True)
     want = torch.nn.functional.linear(torch.tensor(x), torch.tensor(lin.params["weight"]),
                                       torch.tensor(lin.params["bias"]))
     np.testing.assert_allclose(y, want.numpy(), rtol=1e-12)

@@ -2,7 +2,10 @@
 import numpy as np
 import pytest
 
+from gpurnn.backend import cuda_simulator
 from util import CELLS, device_of, make_layer, random_problem, to_device, to_numpy
+
+N_SIM = cuda_simulator()
 
 torch = pytest.importorskip("torch")
 
@@ -92,3 +95,61 @@ def test_weights_load_both_ways():
     x = np.random.default_rng(0).standard_normal((5, 2, 4)).astype(np.float32)
     y, _, _ = layer.forward(x)
     np.testing.assert_allclose(y, module(torch.tensor(x))[0].detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def torch_sigmoid_elman(layer, x, state, dy, dstate):
+    """torch has no sigmoid RNN: the same recurrence by hand, float32, gradients by autograd."""
+    t = lambda a: torch.tensor(np.asarray(a), requires_grad=True)  # noqa: E731
+    p = {k: t(v) for k, v in layer.state_dict().items()}
+    xt, h = t(x), t(state[0][0])                                   # (T, B, I), (B, H)
+    h0, ys = h, []
+    for step in xt:
+        h = torch.sigmoid(step @ p["weight_ih_l0"].T + p["bias_ih_l0"] + h @ p["weight_hh_l0"].T + p["bias_hh_l0"])
+        ys.append(h)
+    loss = (torch.stack(ys) * torch.tensor(dy)).sum() + (h * torch.tensor(dstate[0][0])).sum()
+    loss.backward()
+    return xt.grad.numpy(), (h0.grad.numpy()[None],), {k: v.grad.numpy() for k, v in p.items()}
+
+
+SATURATING_BACKENDS = ["numpy"] + (["numba"] if N_SIM else [])
+
+
+@pytest.mark.parametrize("backend_name", SATURATING_BACKENDS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradients_match_torch_at_saturated_inputs(cell, backend_name):
+    """Inputs of size 1e4 and biases of +-1e5 saturate every gate (|pre-activation| > 8e4): the derivatives are
+    exactly 0 in float32 there, in torch as in the layer, so dW_ih (dG^T x, x ~ 1e4) and every other gradient
+    match torch's float32 ones to 1e-5 of the largest gradient (relu's live units carry the only nonzero dG)."""
+    layer = make_layer(cell, 4, 5, dtype="float32", backend=backend_name, seed=3)
+    rng = np.random.default_rng(4)
+    for k in ("bias_ih_l0", "bias_hh_l0"):
+        layer.params[k][...] = 0
+    layer.params["bias_ih_l0"][...] = rng.choice([-1e5, 1e5], layer.params["bias_ih_l0"].shape)
+    T, B, H = 4, 3, 5
+    x = (1e4 * rng.standard_normal((T, B, 4))).astype(np.float32)
+    lstm = cell == "lstm"
+    state = tuple(rng.standard_normal((1, B, H)).astype(np.float32) for _ in range(2 if lstm else 1))
+    dstate = tuple(rng.standard_normal((1, B, H)).astype(np.float32) for _ in state)
+    dy = rng.standard_normal((T, B, H)).astype(np.float32)
+    if cell == "rnn_sigmoid":
+        dx_ref, ds_ref, g_ref = torch_sigmoid_elman(layer, x, state, dy, dstate)
+    else:
+        module = torch_twin(layer).float()
+        t = lambda a: torch.tensor(a, requires_grad=True)  # noqa: E731
+        st = tuple(map(t, state))
+        xt = t(x)
+        yt, snt = module(xt, st if lstm else st[0])
+        snt = snt if lstm else (snt,)
+        loss = (yt * torch.tensor(dy)).sum() + sum((s * torch.tensor(d)).sum() for s, d in zip(snt, dstate))
+        loss.backward()
+        dx_ref, ds_ref = xt.grad.numpy(), tuple(s.grad.numpy() for s in st)
+        g_ref = {k: p.grad.numpy() for k, p in module.named_parameters()}
+    _, _, ctx = layer.forward(x, state if lstm else state[0])
+    dx, ds = layer.backward(ctx, dy, dstate if lstm else dstate[0])
+    got = {"x": dx, **{f"state{i}": s for i, s in enumerate(ds if lstm else (ds,))}, **layer.grads}
+    want = {"x": dx_ref, **{f"state{i}": s for i, s in enumerate(ds_ref)}, **g_ref}
+    largest = max(float(np.abs(w).max()) for w in want.values())
+    for name, w in want.items():
+        np.testing.assert_allclose(to_numpy(got[name]), w, rtol=0, atol=1e-5 * largest, err_msg=name)
+    if cell != "rnn_relu":                              # saturated everywhere: no gradient reaches the weights
+        assert not any(np.asarray(layer.grads[k]).any() for k in layer.grads)
