@@ -11,6 +11,7 @@ from . import checks
 from .backend import array_module, kernels, resolve
 from .kernels import GATES
 from .module import Module
+from .workspace import Workspace
 
 
 @dataclass
@@ -33,6 +34,11 @@ def reverse_time(a, rev_index):
     return xp.take_along_axis(a, rev_index, axis=0)
 
 
+def matmul(xp, workspace, a, b):
+    """a @ b (2-D), written into a workspace buffer when there is one."""
+    return xp.matmul(a, b, out=None if workspace is None else workspace.empty((a.shape[0], b.shape[1]), a.dtype))
+
+
 def reverse_index(lengths, T, xp):
     """(T, B, 1): step t of sequence b reads time lengths[b]-1-t when valid, t when padded."""
     t = xp.arange(T, dtype=np.int32)[:, None]
@@ -42,6 +48,7 @@ def reverse_index(lengths, T, xp):
 class _Recurrent(Module):
     cell = None
     sweep = "auto"    # GPU backends: "auto" | "persistent" (one launch for all steps) | "step" (a launch per step)
+    _workspace = None  # numpy backend: a Workspace the calls take their large buffers from (see workspace())
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  bidirectional=False, dtype="float32", backend="auto", seed=None):
@@ -62,6 +69,18 @@ class _Recurrent(Module):
                 if self.bias:
                     self.add_param(f"bias_ih{suffix}", (G * H,), bound)
                     self.add_param(f"bias_hh{suffix}", (G * H,), bound)
+
+    def workspace(self, enabled=True):
+        """Reuse the large host buffers of forward and backward across calls (numpy backend), so a training loop
+        takes no page faults per step. Results are unchanged, ctxs may be in flight and backward stays
+        re-entrant: a buffer is reused only once nothing refers to it. The cost: the buffers of the largest set
+        of calls alive at once stay allocated between calls (for one LSTM layer, T=100, B=32, H=256, about two
+        steps' worth, ~70 MiB). `workspace(False)` frees them. Returns self."""
+        if not enabled:
+            self._workspace = None
+        elif self._workspace is None:
+            self._workspace = Workspace()
+        return self
 
     def _suffixes(self, layer):
         return [f"_l{layer}"] + ([f"_l{layer}_reverse"] if self.num_directions == 2 else [])
@@ -105,7 +124,8 @@ class _Recurrent(Module):
         lens, ragged = checks.lengths(lengths, B, T, self.device)
         name = resolve(self.backend, self.device)
         K = kernels(name)
-        opts = {} if name == "numpy" else {"sweep": self.sweep}
+        ws = self._workspace if name == "numpy" else None
+        opts = {"workspace": ws} if name == "numpy" else {"sweep": self.sweep}
         H, D, G = self.hidden_size, self.num_directions, GATES[self.cell]
         rev_index = reverse_index(lens, T, xp) if (ragged and D == 2) else None
         ctx = LayerCtx(self, name, self.batch_first, (T, B), rev_index, [])
@@ -116,17 +136,14 @@ class _Recurrent(Module):
             out = xp.empty((T, B, D * H), self.dtype) if D == 2 else None
             for d, suffix in enumerate(self._suffixes(layer)):
                 p = self.params
-                xw = xp.matmul(inp.reshape(T * B, -1), p[f"weight_ih{suffix}"].T).reshape(T, B, G * H)
-                if self.bias:
-                    xw += p[f"bias_ih{suffix}"]
-                    b_hh = p[f"bias_hh{suffix}"]
-                else:
-                    b_hh = xp.zeros(G * H, self.dtype)
+                xw = matmul(xp, ws, inp.reshape(T * B, -1), p[f"weight_ih{suffix}"].T).reshape(T, B, G * H)
+                b_ih = p[f"bias_ih{suffix}"] if self.bias else None      # the sweep adds it, with b_hh
+                b_hh = p[f"bias_hh{suffix}"] if self.bias else xp.zeros(G * H, self.dtype)
                 if d == 1:
                     xw = reverse_time(xw, rev_index)
                 k = layer * D + d
                 y, s_n, kctx = K.forward(self.cell, xw, p[f"weight_hh{suffix}"], b_hh,
-                                         tuple(s[k] for s in state0), lens, training, **opts)
+                                         tuple(s[k] for s in state0), lens, training, b_ih=b_ih, **opts)
                 if D == 1:         # (T, B, H); a copy when training, since backward reads the sweep's own y
                     out = y.copy() if training else y
                 else:
@@ -149,6 +166,7 @@ class _Recurrent(Module):
         dy = self._time_major(checks.array(dy, "dy", self.device, self.dtype, want))
         dstate_n = self._check_state(dstate, B, "dstate")
         K = kernels(ctx.backend)
+        ws = self._workspace if ctx.backend == "numpy" else None
         p = self.params
         new_grads = {}     # added to self.grads only once every GEMM has run
         dstate0 = tuple(xp.empty_like(s) for s in dstate_n)
@@ -169,17 +187,17 @@ class _Recurrent(Module):
                 GH = dgx.shape[2]
                 shared = dgh is dgx        # every cell but the GRU: dL/d(xw) = dL/d(h W_hh^T)
                 # W_hh sees h_prev: h0 at step 0, then y[t-1] (kernel time order)
-                gw = dgh[0].T @ kctx.h0                                            # (GH, H)
+                gw = matmul(xp, ws, dgh[0].T, kctx.h0)                             # (GH, H)
                 if T > 1:
-                    gw += dgh[1:].reshape(-1, GH).T @ kctx.y[:-1].reshape(-1, H)
+                    gw += matmul(xp, ws, dgh[1:].reshape(-1, GH).T, kctx.y[:-1].reshape(-1, H))
                 new_grads[f"weight_hh{suffix}"] = gw
                 dgh_sum = dgh.reshape(T * B, GH).sum(axis=0) if self.bias else None   # (GH,)
                 if d == 1:
                     dgx = reverse_time(dgx, ctx.rev_index)
                 dgx2d = dgx.reshape(T * B, GH)
-                new_grads[f"weight_ih{suffix}"] = dgx2d.T @ inp2d                    # (GH, in_l)
+                new_grads[f"weight_ih{suffix}"] = matmul(xp, ws, dgx2d.T, inp2d)      # (GH, in_l)
                 if dinp is None:
-                    dinp = dgx2d @ p[f"weight_ih{suffix}"]                          # (T*B, in_l)
+                    dinp = matmul(xp, ws, dgx2d, p[f"weight_ih{suffix}"])             # (T*B, in_l)
                 else:
                     dinp += dgx2d @ p[f"weight_ih{suffix}"]
                 if self.bias:
