@@ -75,8 +75,11 @@ class _Recurrent(Module):
         takes no page faults per step. Results are unchanged, ctxs may be in flight and backward stays
         re-entrant: a buffer is reused only once nothing refers to it. The cost: the buffers of the largest set
         of calls alive at once stay allocated between calls (for one LSTM layer, T=100, B=32, H=256, about two
-        steps' worth, ~70 MiB). `workspace(False)` frees them. Returns self."""
-        if not enabled:
+        steps' worth, ~70 MiB). `enabled`: True (a Workspace of its own, kept if there is one), False (none, the
+        buffers are freed), or a `gpurnn.workspace.Workspace` (several layers may share one). Returns self."""
+        if isinstance(enabled, Workspace):
+            self._workspace = enabled
+        elif not enabled:
             self._workspace = None
         elif self._workspace is None:
             self._workspace = Workspace()
@@ -169,6 +172,7 @@ class _Recurrent(Module):
         ws = self._workspace if ctx.backend == "numpy" else None
         p = self.params
         new_grads = {}     # added to self.grads only once every GEMM has run
+        ones = xp.ones(T * B, self.dtype)   # bias sums as GEMVs over the T*B rows: BLAS, several times numpy's sum
         dstate0 = tuple(xp.empty_like(s) for s in dstate_n)
         dout = dy
         for layer in reversed(range(self.num_layers)):
@@ -191,7 +195,7 @@ class _Recurrent(Module):
                 if T > 1:
                     gw += matmul(xp, ws, dgh[1:].reshape(-1, GH).T, kctx.y[:-1].reshape(-1, H))
                 new_grads[f"weight_hh{suffix}"] = gw
-                dgh_sum = dgh.reshape(T * B, GH).sum(axis=0) if self.bias else None   # (GH,)
+                dgh_sum = ones @ dgh.reshape(T * B, GH) if self.bias else None      # (GH,)
                 if d == 1:
                     dgx = reverse_time(dgx, ctx.rev_index)
                 dgx2d = dgx.reshape(T * B, GH)
@@ -202,7 +206,7 @@ class _Recurrent(Module):
                     dinp += dgx2d @ p[f"weight_ih{suffix}"]
                 if self.bias:
                     new_grads[f"bias_hh{suffix}"] = dgh_sum
-                    new_grads[f"bias_ih{suffix}"] = dgh_sum if shared else dgx2d.sum(axis=0)
+                    new_grads[f"bias_ih{suffix}"] = dgh_sum if shared else ones @ dgx2d
             dout = dinp.reshape(T, B, -1)
         for k, g in new_grads.items():
             self.grads[k] += g
