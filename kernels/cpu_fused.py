@@ -11,15 +11,24 @@ overwrite ``xw`` in place (it is what backward reads); the input bias is summed 
 added in the step kernel, not in a pass of its own.
 
 Threads: the step kernels run their batch rows on Numba's threads (``numba.set_num_threads`` /
-``NUMBA_NUM_THREADS``, all cores by default), the GEMMs on BLAS's; the two alternate, never overlap. Buffers come
+``NUMBA_NUM_THREADS``, all cores by default), the GEMMs on BLAS's; the two alternate, never overlap. Under Numba's
+OpenMP threading layer the kernels run on one thread unless ``OMP_WAIT_POLICY=passive``: OpenMP workers spin
+between parallel regions, BLAS's workers spin between GEMMs, and the two pools then fight for the cores every
+step (sweeps 10-20x slower on a busy 2-core machine); the tbb and workqueue layers let idle workers yield.
+``THREADS`` (an int) overrides the choice. Buffers come
 from ``workspace.empty`` when a workspace is given (``gpurnn.workspace.Workspace``), else ``np.empty``; every one
 is allocated once per sweep, nothing per step.
 
 Activations are float32 rational approximations (|error| < 3e-7) that vectorise; sigmoid(x) = (1 + tanh(x/2)) / 2
 as in the reference. Backward forms activation derivatives from the saved outputs, like the reference.
 """
+import os
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -41,6 +50,8 @@ P0, P1, P2, P3, P4, P5, P6 = TANH_P
 Q0, Q1, Q2, Q3 = TANH_Q
 HALF, ONE, ZERO = np.float32(0.5), np.float32(1), np.float32(0)
 ACT_CODE = {"tanh": 0, "relu": 1, "sigmoid": 2, "identity": 3}
+THREADS = None     # threads of the step kernels; None: see step_threads()
+_workqueue_lock = threading.Lock()   # Numba's workqueue layer aborts on parallel launches from two threads at once
 
 
 @inline
@@ -79,6 +90,43 @@ def act_grad(code, y):
     if code == 2:
         return y * (ONE - y)
     return ONE
+
+
+@pjit
+def _touch(a):
+    for k in prange(a.shape[0]):
+        a[k] = ZERO
+
+
+@lru_cache(maxsize=None)
+def threading_layer():
+    """Numba's threading layer, started by one tiny parallel launch when none has run yet."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        _touch(np.empty(1, np.float32))
+        return numba.threading_layer()
+
+
+def step_threads():
+    """Threads for the step kernels: THREADS if set; else Numba's count, or 1 under spinning OpenMP workers."""
+    if THREADS is not None:
+        return THREADS
+    if threading_layer() == "omp" and os.environ.get("OMP_WAIT_POLICY", "").lower() != "passive":
+        return 1
+    return numba.get_num_threads()
+
+
+@contextmanager
+def kernel_threads():
+    """The calling thread's Numba thread count set to step_threads() for one sweep, restored after."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(step_threads(), numba.config.NUMBA_NUM_THREADS))
+    try:
+        with _workqueue_lock if threading_layer() == "workqueue" else nullcontext():
+            yield
+    finally:
+        numba.set_num_threads(before)
 
 
 # Every step kernel runs its batch rows on all of Numba's threads (prange over b: a row's arithmetic is the same
@@ -309,14 +357,15 @@ def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, b_ih=None, wor
         cs = empty((T, B, H), np.float32) if training else None
     elif cell == "gru":
         hn = empty((T if training else 1, B, H), np.float32)
-    for t in range(T):
-        np.matmul(w_hh, h.T, out=gh)
-        if cell == "lstm":
-            lstm_forward_step(g[t], gh, bias, lengths, t, c, cs[t] if training else c, h, y[t])
-        elif cell == "gru":
-            gru_forward_step(g[t], gh, bias, b_hn, lengths, t, hn[t if training else 0], h, y[t])
-        else:
-            elman_forward_step(code, g[t], gh, bias, lengths, t, h, y[t])
+    with kernel_threads():
+        for t in range(T):
+            np.matmul(w_hh, h.T, out=gh)
+            if cell == "lstm":
+                lstm_forward_step(g[t], gh, bias, lengths, t, c, cs[t] if training else c, h, y[t])
+            elif cell == "gru":
+                gru_forward_step(g[t], gh, bias, b_hn, lengths, t, hn[t if training else 0], h, y[t])
+            else:
+                elman_forward_step(code, g[t], gh, bias, lengths, t, h, y[t])
     state_n = (h, c) if cell == "lstm" else (h,)
     if not training:
         return y, state_n, None
@@ -340,16 +389,19 @@ def backward(ctx, dy, dstate_n):
     dc_acc = np.array(dstate_n[1], np.float32) if cell == "lstm" else None
     dh_in = np.zeros((H, B), np.float32)                   # W_hh^T dG^T, the GEMM's fast layout; 0 beyond step T-1
     code = ACT_CODE.get(cell[4:])                          # Elman's activation
-    for t in range(T - 1, -1, -1):
-        if cell == "lstm":
-            c_prev = ctx.c[t - 1] if t > 0 else ctx.c0
-            lstm_backward_step(ctx.gates[t], ctx.c[t], c_prev, dy[t], lengths, t, dh_in, dh_acc, dc_acc, dgx[t])
-        elif cell == "gru":
-            h_prev = ctx.y[t - 1] if t > 0 else ctx.h0
-            gru_backward_step(ctx.gates[t], ctx.hn[t], h_prev, dy[t], lengths, t, dh_in, dh_acc, dgx[t], dgh[t])
-        else:
-            elman_backward_step(code, ctx.y[t], dy[t], lengths, t, dh_in, dh_acc, dgx[t])
-        np.matmul(w_t, dgh[t].T, out=dh_in)
+    with kernel_threads():
+        for t in range(T - 1, -1, -1):
+            if cell == "lstm":
+                c_prev = ctx.c[t - 1] if t > 0 else ctx.c0
+                lstm_backward_step(ctx.gates[t], ctx.c[t], c_prev, dy[t], lengths, t, dh_in, dh_acc, dc_acc,
+                                   dgx[t])
+            elif cell == "gru":
+                h_prev = ctx.y[t - 1] if t > 0 else ctx.h0
+                gru_backward_step(ctx.gates[t], ctx.hn[t], h_prev, dy[t], lengths, t, dh_in, dh_acc, dgx[t],
+                                  dgh[t])
+            else:
+                elman_backward_step(code, ctx.y[t], dy[t], lengths, t, dh_in, dh_acc, dgx[t])
+            np.matmul(w_t, dgh[t].T, out=dh_in)
     dh_acc += dh_in.T
     return dgx, dgh, ((dh_acc, dc_acc) if cell == "lstm" else (dh_acc,))
 

@@ -113,26 +113,34 @@ def test_layers_use_the_fused_module():
 
 @pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("cell", CELLS)
-def test_threads_do_not_change_results(cell, ragged):
+def test_threads_do_not_change_results(cell, ragged, monkeypatch):
     """The step kernels split batch rows over Numba's threads; one thread and all of them agree bit for bit."""
     import numba
     xw, w_hh, b_hh, state0, lengths, dy, dstate = sweep_problem(cell, 5, 7, 33, ragged, np.random.default_rng(9))
     b_ih = np.random.default_rng(10).uniform(-0.5, 0.5, b_hh.shape)
 
-    def sweep():
+    def sweep(threads):
+        monkeypatch.setattr(cpu_fused, "THREADS", threads)
         y, s_n, ctx = cpu_fused.forward(cell, f32(xw), f32(w_hh), f32(b_hh), f32(state0), lengths, b_ih=f32(b_ih))
-        return (y,) + s_n + tuple(a for part in cpu_fused.backward(ctx, f32(dy), f32(dstate)) for a in
-                                  (part if isinstance(part, tuple) else (part,)))
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        serial = sweep()
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        parallel = sweep()
-    finally:
-        numba.set_num_threads(before)
+        dgx, dgh, ds0 = cpu_fused.backward(ctx, f32(dy), f32(dstate))
+        return (y,) + s_n + (dgx, dgh) + ds0
+    serial, parallel = sweep(1), sweep(numba.config.NUMBA_NUM_THREADS)
     for got, want in zip(parallel, serial):
         np.testing.assert_array_equal(got, want)
+
+
+def test_step_threads_follow_numba_and_the_layer(monkeypatch):
+    import numba
+    monkeypatch.setattr(cpu_fused, "THREADS", None)
+    layer = cpu_fused.threading_layer()
+    assert layer in ("tbb", "omp", "workqueue")
+    spinning = layer == "omp" and cpu_fused.os.environ.get("OMP_WAIT_POLICY", "").lower() != "passive"
+    assert cpu_fused.step_threads() == (1 if spinning else numba.get_num_threads())
+    monkeypatch.setattr(cpu_fused, "THREADS", 1)
+    before = numba.get_num_threads()
+    with cpu_fused.kernel_threads():
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == before
 
 
 @pytest.mark.parametrize("ragged", [False, True])
