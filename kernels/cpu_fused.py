@@ -13,11 +13,10 @@ added in the step kernel, not in a pass of its own.
 Threads: the step kernels run their batch rows on Numba's threads (``numba.set_num_threads`` /
 ``NUMBA_NUM_THREADS``, all cores by default), the GEMMs on BLAS's; the two alternate, never overlap. Under Numba's
 OpenMP threading layer the kernels run on one thread unless ``OMP_WAIT_POLICY=passive``: OpenMP workers spin
-between parallel regions, BLAS's workers spin between GEMMs, and the two pools then fight for the cores every
-step (sweeps 10-20x slower on a busy 2-core machine); the tbb and workqueue layers let idle workers yield.
-``THREADS`` (an int) overrides the choice. Buffers come
-from ``workspace.empty`` when a workspace is given (``gpurnn.workspace.Workspace``), else ``np.empty``; every one
-is allocated once per sweep, nothing per step.
+between parallel regions, BLAS's workers spin between GEMMs, and the two pools then fight for the cores every step
+(many times slower than one thread on a busy 2-core machine); the tbb and workqueue layers let idle workers yield.
+``THREADS`` (an int) overrides the choice. Buffers come from ``workspace.empty`` when a workspace is given
+(``gpurnn.workspace.Workspace``), else ``np.empty``; every one is allocated once per sweep, nothing per step.
 
 Activations are float32 rational approximations (|error| < 3e-7) that vectorise; sigmoid(x) = (1 + tanh(x/2)) / 2
 as in the reference. Backward forms activation derivatives from the saved outputs, like the reference.
