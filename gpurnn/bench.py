@@ -50,13 +50,9 @@ def device_name(backend):
 
 
 def numba_threads():
-    """The threads our CPU step kernels run on, as "N (layer)", the layer once a parallel kernel has run."""
-    import numba
-    try:
-        layer = numba.threading_layer()
-    except ValueError:
-        return str(numba.get_num_threads())
-    return f"{numba.get_num_threads()} ({layer})"
+    """The threads our CPU step kernels run on, with Numba's threading layer: "N (layer)"."""
+    from .kernels import cpu_fused
+    return f"{cpu_fused.step_threads()} ({cpu_fused.threading_layer()})"
 
 
 def sgemm_gflops(n=2048, repeats=5):

@@ -6,7 +6,7 @@ Jordan network go to ``numpy_ref`` unchanged, so float64 results stay exactly th
 Layout: the recurrent GEMM runs feature-major, ``W_hh (G*H, H) @ h^T (H, B) -> (G*H, B)`` forward and
 ``W_hh^T (H, G*H) @ dG^T (G*H, B) -> (H, B)`` backward; at small B that is the shape BLAS runs fastest (about
 1.4x the batch-major one here), and the step kernels read that output as it is (one strided column per batch row),
-so nothing is transposed. Everything else is batch-major (T, B, .) as in the interface. The activated gates
+so nothing is transposed (except for the Elman forward, see its kernel). Everything else is batch-major (T, B, .) as in the interface. The activated gates
 overwrite ``xw`` in place (it is what backward reads); the input bias is summed with ``b_hh`` once per sweep and
 added in the step kernel, not in a pass of its own.
 
@@ -23,6 +23,7 @@ as in the reference. Backward forms activation derivatives from the saved output
 """
 import os
 import threading
+import types
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,6 +36,7 @@ from . import GATES, numpy_ref
 
 # contract/reassoc/afn/arcp let LLVM fuse and vectorise; no nnan/ninf, so NaN and Inf propagate as in NumPy
 FAST = {"contract", "reassoc", "afn", "arcp", "nsz"}
+jit = njit(fastmath=FAST, error_model="numpy", cache=True, nogil=True)
 pjit = njit(fastmath=FAST, error_model="numpy", cache=True, nogil=True, parallel=True)
 inline = njit(fastmath=FAST, error_model="numpy", cache=True, inline="always")
 
@@ -91,6 +93,14 @@ def act_grad(code, y):
     return ONE
 
 
+def both(fn):
+    """A step kernel compiled twice: [False] on the calling thread (prange runs as range), [True] with its batch
+    rows on Numba's threads. The parallel launch costs microseconds a call, so one thread takes the first."""
+    serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    serial.__qualname__ = fn.__qualname__ + "_serial"   # a cache entry of its own: Numba's cache key ignores flags
+    return jit(serial), pjit(fn)
+
+
 @pjit
 def _touch(a):
     for k in prange(a.shape[0]):
@@ -118,18 +128,20 @@ def step_threads():
 
 @contextmanager
 def kernel_threads():
-    """The calling thread's Numba thread count set to step_threads() for one sweep, restored after."""
+    """For one sweep: the calling thread's Numba thread count set to step_threads(), restored after; yields
+    whether the parallel kernels run (more than one thread)."""
     before = numba.get_num_threads()
-    numba.set_num_threads(min(step_threads(), numba.config.NUMBA_NUM_THREADS))
+    threads = min(step_threads(), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(threads)
     try:
-        with _workqueue_lock if threading_layer() == "workqueue" else nullcontext():
-            yield
+        with _workqueue_lock if threads > 1 and threading_layer() == "workqueue" else nullcontext():
+            yield threads > 1
     finally:
         numba.set_num_threads(before)
 
 
-# Every step kernel runs its batch rows on all of Numba's threads (prange over b: a row's arithmetic is the same
-# whichever thread runs it, so results do not depend on the thread count). It reads the recurrent GEMM's output
+# Every step kernel can run its batch rows on all of Numba's threads (prange over b: a row's arithmetic is the same
+# whichever thread runs it). It reads the recurrent GEMM's output
 # feature-major, gh[:, b] a strided column, in one loop per row; the other loops run over contiguous rows and
 # vectorise, each touching few arrays so LLVM keeps the vector form without giving up on alias checks.
 
@@ -163,21 +175,22 @@ def dh_row(dh, dh_in, b, dy):
 # GEMM's output; bias (G*H,) = b_ih + b_hh, summed once per sweep; h_state (B, H) the running state in/out; y (B, H)
 # is y[t]; padded sequences keep their state.
 
-@pjit
+@both
 def elman_forward_step(code, g, gh, bias, lengths, t, h_state, y):
+    """gh: (B, H) batch-major, the one exception: at G = 1 reading the (H, B) GEMM output's strided columns
+    measured twice the time of numpy's transposing copy plus this one contiguous loop."""
     B, H = y.shape
     for b in prange(B):
-        yb = y[b]
         if t < lengths[b]:
-            preact_row(yb, g[b], gh, b, bias)
             for j in range(H):
-                yb[j] = act(code, yb[j])
-            h_state[b] = yb
+                h = act(code, g[b, j] + gh[b, j] + bias[j])
+                y[b, j] = h
+                h_state[b, j] = h
         else:
-            yb[:] = ZERO
+            y[b, :] = ZERO
 
 
-@pjit
+@both
 def lstm_forward_step(g, gh, bias, lengths, t, c, c_out, h_state, y):
     """c: (B, H) cell state in/out; c_out: (B, H) c_t saved for backward (may be c itself)."""
     B, H = y.shape
@@ -200,7 +213,7 @@ def lstm_forward_step(g, gh, bias, lengths, t, c, c_out, h_state, y):
         c_out[b] = cb
 
 
-@pjit
+@both
 def gru_forward_step(g, gh, bias, b_hn, lengths, t, hn_out, h_state, y):
     """bias (3H,): b_ih + b_hh for r and z, b_in for n; b_hn (H,) sits inside r; hn_out: (B, H) h_prev W_hn^T + b_hn
     saved for backward."""
@@ -228,7 +241,7 @@ def gru_forward_step(g, gh, bias, b_hn, lengths, t, hn_out, h_state, y):
 # then the GRU's direct path dh z (0 for the others); each valid step adds dh_in and dy into it, uses it as dh_t and
 # leaves there what goes on to h_{t-1}. dg (B, G*H) is dgx[t], and dgh[t] the next GEMM's operand.
 
-@pjit
+@both
 def elman_backward_step(code, y, dy, lengths, t, dh_in, dh_acc, dg):
     B, H = y.shape
     for b in prange(B):
@@ -243,7 +256,7 @@ def elman_backward_step(code, y, dy, lengths, t, dh_in, dh_acc, dg):
             dgb[:] = ZERO
 
 
-@pjit
+@both
 def lstm_backward_step(g, c, c_prev, dy, lengths, t, dh_in, dh_acc, dc_acc, dg):
     """g: (B, 4H) saved gates i, f, g, o; c, c_prev: (B, H) c_t, c_{t-1}; dc_acc: (B, H) dL/dc_t in, dL/dc_{t-1} out."""
     B, H = c.shape
@@ -273,7 +286,7 @@ def lstm_backward_step(g, c, c_prev, dy, lengths, t, dh_in, dh_acc, dc_acc, dg):
             db[:] = ZERO
 
 
-@pjit
+@both
 def gru_backward_step(g, hn, h_prev, dy, lengths, t, dh_in, dh_acc, dgx, dgh):
     """g: (B, 3H) saved r, z, n; hn: (B, H) saved h_prev W_hn^T + b_hn; dgh: (B, 3H) dgh[t]."""
     B, H = hn.shape
@@ -348,6 +361,7 @@ def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, b_ih=None, wor
     lengths = np.ascontiguousarray(lengths, dtype=np.int32)
     h = np.array(state0[0], np.float32)                    # (B, H) running state, a copy: state0 stays as it was
     gh = empty((GH, B), np.float32)                        # W_hh h^T, the GEMM's fast layout, read as it is
+    gh_rows = empty((B, H), np.float32) if cell.startswith("rnn") else None   # Elman: its transpose
     y = empty((T, B, H), np.float32)
     code = ACT_CODE.get(cell[4:])                          # Elman's activation
     c = cs = hn = None
@@ -356,15 +370,16 @@ def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, b_ih=None, wor
         cs = empty((T, B, H), np.float32) if training else None
     elif cell == "gru":
         hn = empty((T if training else 1, B, H), np.float32)
-    with kernel_threads():
+    with kernel_threads() as par:
         for t in range(T):
             np.matmul(w_hh, h.T, out=gh)
             if cell == "lstm":
-                lstm_forward_step(g[t], gh, bias, lengths, t, c, cs[t] if training else c, h, y[t])
+                lstm_forward_step[par](g[t], gh, bias, lengths, t, c, cs[t] if training else c, h, y[t])
             elif cell == "gru":
-                gru_forward_step(g[t], gh, bias, b_hn, lengths, t, hn[t if training else 0], h, y[t])
+                gru_forward_step[par](g[t], gh, bias, b_hn, lengths, t, hn[t if training else 0], h, y[t])
             else:
-                elman_forward_step(code, g[t], gh, bias, lengths, t, h, y[t])
+                np.copyto(gh_rows, gh.T)
+                elman_forward_step[par](code, g[t], gh_rows, bias, lengths, t, h, y[t])
     state_n = (h, c) if cell == "lstm" else (h,)
     if not training:
         return y, state_n, None
@@ -388,18 +403,18 @@ def backward(ctx, dy, dstate_n):
     dc_acc = np.array(dstate_n[1], np.float32) if cell == "lstm" else None
     dh_in = np.zeros((H, B), np.float32)                   # W_hh^T dG^T, the GEMM's fast layout; 0 beyond step T-1
     code = ACT_CODE.get(cell[4:])                          # Elman's activation
-    with kernel_threads():
+    with kernel_threads() as par:
         for t in range(T - 1, -1, -1):
             if cell == "lstm":
                 c_prev = ctx.c[t - 1] if t > 0 else ctx.c0
-                lstm_backward_step(ctx.gates[t], ctx.c[t], c_prev, dy[t], lengths, t, dh_in, dh_acc, dc_acc,
-                                   dgx[t])
+                lstm_backward_step[par](ctx.gates[t], ctx.c[t], c_prev, dy[t], lengths, t, dh_in, dh_acc, dc_acc,
+                                        dgx[t])
             elif cell == "gru":
                 h_prev = ctx.y[t - 1] if t > 0 else ctx.h0
-                gru_backward_step(ctx.gates[t], ctx.hn[t], h_prev, dy[t], lengths, t, dh_in, dh_acc, dgx[t],
-                                  dgh[t])
+                gru_backward_step[par](ctx.gates[t], ctx.hn[t], h_prev, dy[t], lengths, t, dh_in, dh_acc, dgx[t],
+                                       dgh[t])
             else:
-                elman_backward_step(code, ctx.y[t], dy[t], lengths, t, dh_in, dh_acc, dgx[t])
+                elman_backward_step[par](code, ctx.y[t], dy[t], lengths, t, dh_in, dh_acc, dgx[t])
             np.matmul(w_t, dgh[t].T, out=dh_in)
     dh_acc += dh_in.T
     return dgx, dgh, ((dh_acc, dc_acc) if cell == "lstm" else (dh_acc,))
