@@ -2,9 +2,10 @@
 
 Each part is the same call the layer makes (``layers._Recurrent.forward/backward`` on the numpy backend), timed
 alone on the same arrays, median of `repeats` after one warm-up, with the same allocation (a Workspace when
-`workspace` is on, fresh arrays otherwise). The sweeps are also split into their per-step recurrent GEMMs; what is
-left of a sweep is its fused pointwise work (input bias included, on Numba's threads). "rest" is the whole step
-minus the parts: checks, copies, Python.
+`workspace` is on, fresh arrays otherwise). The sweeps are also split into their per-step recurrent GEMMs (and, for
+the Elman forward, the copy that turns the GEMM output batch-major); what is left of a sweep is its fused pointwise
+work (input bias included, on the step kernels' threads). "rest" is the whole step minus the parts: checks, copies,
+Python.
 """
 import time
 
@@ -56,12 +57,16 @@ def profile_step(cell, T, B, H, repeats=10, seed=0, workspace=False):
     dgx2d, dgh2d = dgx.reshape(T * B, G * H), dgh.reshape(T * B, G * H)
     ones = np.ones(T * B, np.float32)
     h = np.zeros((B, H), np.float32)
-    gh, dh = np.empty((G * H, B), np.float32), np.empty((H, B), np.float32)
+    gh, dh, gh_rows = np.empty((G * H, B), np.float32), np.empty((H, B), np.float32), np.empty((B, G * H), np.float32)
     proj = 2 * T * B * G * H * H / 1e9                                          # GFLOP of one (T*B, H) x (H, G*H)
 
     def recurrent_gemms(_):
         for _t in range(T):
             np.matmul(w_hh, h.T, out=gh)
+
+    def transposes(_):                                                         # the Elman forward's only
+        for _t in range(T):
+            np.copyto(gh_rows, gh.T)
 
     def backward_gemms(_):
         for t in range(T):
@@ -81,8 +86,10 @@ def profile_step(cell, T, B, H, repeats=10, seed=0, workspace=False):
     parts = [("input projection x W_ihᵀ", _median_ms(lambda _: matmul(np, ws, x2d, w_ih.T), repeats), proj)]
     whole_f = _median_ms(sweep_f, repeats, fresh_xw)
     gemm_f = _median_ms(recurrent_gemms, repeats)
-    parts += [("forward sweep: recurrent GEMMs", gemm_f, proj),
-              ("forward sweep: fused pointwise + bias", whole_f - gemm_f, 0.0)]
+    copy_f = _median_ms(transposes, repeats) if cell.startswith("rnn") else 0.0
+    parts += [("forward sweep: recurrent GEMMs", gemm_f, proj)]
+    parts += [("forward sweep: GEMM output transposes", copy_f, 0.0)] if copy_f else []
+    parts += [("forward sweep: fused pointwise + bias", whole_f - gemm_f - copy_f, 0.0)]
     whole_b = _median_ms(lambda _: cpu_fused.backward(ctx, dy, state0), repeats)
     gemm_b = _median_ms(backward_gemms, repeats)
     parts += [("backward sweep: recurrent GEMMs", gemm_b, proj),
@@ -98,7 +105,7 @@ def profile_step(cell, T, B, H, repeats=10, seed=0, workspace=False):
 
 def format_profile(cell, T, B, H, parts, workspace=False, threads=None):
     whole = parts[-1][1]
-    how = ("workspace on" if workspace else "fresh buffers") + (f", {threads} Numba threads" if threads else "")
+    how = ("workspace on" if workspace else "fresh buffers") + (f", Numba threads {threads}" if threads else "")
     lines = [f"{cell} T={T} B={B} H=I={H}, one training step, float32, {how}:",
              f"  {'part':<42}{'ms':>8}{'share':>7}{'GFLOP/s':>9}"]
     for name, ms, gflop in parts:
