@@ -75,8 +75,9 @@ class _Recurrent(Module):
         takes no page faults per step. Results are unchanged, ctxs may be in flight and backward stays
         re-entrant: a buffer is reused only once nothing refers to it. The cost: the buffers of the largest set
         of calls alive at once stay allocated between calls (one LSTM layer, T=100, B=32, H=256: about 37 MiB
-        when each ctx is dropped before the next forward, ~19 MiB more per ctx kept across it). `enabled`: True (a Workspace of its own, kept if there is one), False (none, the
-        buffers are freed), or a `gpurnn.workspace.Workspace` (several layers may share one). Returns self."""
+        when each ctx is dropped before the next forward, ~19 MiB more per ctx kept across it).
+        `enabled`: True (a Workspace of its own, kept if there is one), False (none, the buffers are freed), or
+        a `gpurnn.workspace.Workspace` (several layers may share one). Returns self."""
         if isinstance(enabled, Workspace):
             self._workspace = enabled
         elif not enabled:

@@ -6,9 +6,9 @@ Jordan network go to ``numpy_ref`` unchanged, so float64 results stay exactly th
 Layout: the recurrent GEMM runs feature-major, ``W_hh (G*H, H) @ h^T (H, B) -> (G*H, B)`` forward and
 ``W_hh^T (H, G*H) @ dG^T (G*H, B) -> (H, B)`` backward; at small B that is the shape BLAS runs fastest (about
 1.4x the batch-major one here), and the step kernels read that output as it is (one strided column per batch row),
-so nothing is transposed (except for the Elman forward, see its kernel). Everything else is batch-major (T, B, .) as in the interface. The activated gates
-overwrite ``xw`` in place (it is what backward reads); the input bias is summed with ``b_hh`` once per sweep and
-added in the step kernel, not in a pass of its own.
+so nothing is transposed (except for the Elman forward, see its kernel). Everything else is batch-major (T, B, .)
+as in the interface. The activated gates overwrite ``xw`` in place (it is what backward reads); the input bias is
+summed with ``b_hh`` once per sweep and added in the step kernel, not in a pass of its own.
 
 Threads: the step kernels run their batch rows on Numba's threads (``numba.set_num_threads`` /
 ``NUMBA_NUM_THREADS``, all cores by default), the GEMMs on BLAS's; the two alternate, never overlap. Under Numba's
