@@ -141,15 +141,15 @@ def kernel_threads():
 
 
 # Every step kernel can run its batch rows on all of Numba's threads (prange over b: a row's arithmetic is the same
-# whichever thread runs it). It reads the recurrent GEMM's output
-# feature-major, gh[:, b] a strided column, in one loop per row; the other loops run over contiguous rows and
-# vectorise, each touching few arrays so LLVM keeps the vector form without giving up on alias checks.
+# whichever thread runs it). It reads the recurrent GEMM's feature-major output, gh[:, b] a strided column, in one
+# loop per row; the other loops run over contiguous rows and vectorise, each touching few arrays so LLVM keeps the
+# vector form without giving up on alias checks.
 
 @inline
-def preact_row(dst, g, gh, b, bias):
-    """dst (n,) = g (n,) + gh[:, b] + bias (n,); gh (n, B). dst may be g."""
-    for j in range(dst.shape[0]):
-        dst[j] = g[j] + gh[j, b] + bias[j]
+def preact_row(g, gh, b, bias):
+    """g (n,) += gh[:, b] + bias (n,); gh (n, B) read down column b."""
+    for j in range(g.shape[0]):
+        g[j] += gh[j, b] + bias[j]
 
 
 @inline
@@ -178,7 +178,7 @@ def dh_row(dh, dh_in, b, dy):
 @both
 def elman_forward_step(code, g, gh, bias, lengths, t, h_state, y):
     """gh: (B, H) batch-major, the one exception: at G = 1 reading the (H, B) GEMM output's strided columns
-    measured twice the time of numpy's transposing copy plus this one contiguous loop."""
+    cost more than numpy's transposing copy plus this one contiguous loop."""
     B, H = y.shape
     for b in prange(B):
         if t < lengths[b]:
@@ -198,7 +198,7 @@ def lstm_forward_step(g, gh, bias, lengths, t, c, c_out, h_state, y):
         cb, yb = c[b], y[b]
         if t < lengths[b]:
             gb = g[b]
-            preact_row(gb, gb, gh, b, bias)
+            preact_row(gb, gh, b, bias)
             sigmoid_row(gb[:2 * H])
             tanh_row(gb[2 * H:3 * H])
             sigmoid_row(gb[3 * H:])
@@ -222,7 +222,7 @@ def gru_forward_step(g, gh, bias, b_hn, lengths, t, hn_out, h_state, y):
         yb = y[b]
         if t < lengths[b]:
             gb, hnb, hb = g[b], hn_out[b], h_state[b]
-            preact_row(gb[:2 * H], gb[:2 * H], gh, b, bias)      # reads gh rows 0..2H-1
+            preact_row(gb[:2 * H], gh, b, bias)                 # reads gh rows 0..2H-1
             sigmoid_row(gb[:2 * H])
             r, z, n = gb[:H], gb[H:2 * H], gb[2 * H:]
             for j in range(H):
