@@ -110,8 +110,10 @@ class SweepCtx:
     hns: object            # (T, B, H) GRU h_prev @ W_hn.T + b_hn, else a (1, 1, 1) placeholder
 
 
-def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto"):
+def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto", b_ih=None):
     xp = array_module()
+    if b_ih is not None:
+        xw = xw + b_ih
     K = build(xw.dtype.type)
     T, B, GH = xw.shape
     H = w_hh.shape[1]
