@@ -1,26 +1,30 @@
-"""The numba backend's sweeps: Numba CUDA kernels (numba_cuda_kernels.py) driven from the host.
+"""The numba backend's sweeps: Numba CUDA kernels (numba_cuda_kernels.py, numba_persistent.py) driven from the host.
 
 Interface and shapes: see ``kernels/__init__.py``. Arrays are CuPy on a GPU and NumPy under
-NUMBA_ENABLE_CUDASIM=1 (the simulator runs the kernels on host arrays). Two ways to run a sweep:
+NUMBA_ENABLE_CUDASIM=1 (the simulator runs the kernels on host arrays). Two ways to run a sweep, chosen by the
+launch planner (numba_plan.py) from the sizes and the device:
 - "step": per step one GEMM through the array module (cuBLAS on a GPU) into a (B, G*H) buffer allocated once
   per call, then ONE fused pointwise kernel (all gates + state update; backward: all gate gradients + dc).
 - "persistent": one cooperative launch for all T steps, each block holding its slice of W_hh in shared memory,
-  one grid-wide barrier per step. Used when W_hh fits in the shared memory of the co-resident blocks.
-Kernels launch on CuPy's current stream; nothing in the time loop waits for the device.
+  one grid-wide barrier per step. If the device refuses the launch, the sweep runs per step instead (one
+  warning per launch configuration). Under the simulator it runs through numba_sim (every block at once).
+Kernels launch on CuPy's current stream, on the device of the input arrays; nothing in the time loop waits.
 """
+import contextlib
+import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from numba import cuda
 
-from . import JordanCtx
+from . import JordanCtx, numba_plan
 from .numba_cuda_kernels import ACT_CODES, CELL_CODES, build
+from .numba_persistent import build as build_persistent
 
-SWEEPS = ("auto", "persistent", "step")
-THREADS = 256              # threads per block on a GPU
+SWEEPS = numba_plan.SWEEPS
+THREADS = 256              # threads per block of the per-step kernels on a GPU
 SIM_THREADS = 32           # the simulator runs one Python thread per CUDA thread: keep blocks small there
-SHARED_BYTES = 48 * 1024   # dynamic shared memory a block may use without an opt-in attribute
-PERSISTENT_MAX_BATCH = 16  # "auto": larger batches keep cuBLAS busy per step; a starting point to tune on a GPU
 
 
 def simulator():
@@ -57,49 +61,76 @@ def launch_stream():
     return cuda.external_stream(ptr) if ptr else cuda.default_stream()
 
 
+def on_device_of(a):
+    """Numba's context for the GPU that holds `a` (else CuPy's current device), so launches go where the data
+    is; nothing in the simulator."""
+    if simulator():
+        return contextlib.nullcontext()
+    import cupy
+    device = getattr(a, "device", None)
+    return cuda.gpus[device.id if device is not None else cupy.cuda.Device().id]
+
+
 def blocks(n):
     return (n + threads() - 1) // threads()
 
 
-def cooperative_blocks():
-    """How many blocks a cooperative launch may use: one per SM (each block needs at most SHARED_BYTES and
-    THREADS threads, so one always fits on an SM); 1 in the simulator, 0 without cooperative launch."""
+@functools.lru_cache(maxsize=None)
+def _device(ordinal):
+    return numba_plan.describe(cuda.gpus[ordinal])
+
+
+def current_device():
+    """The planner's description of the device the sweep runs on (numba_plan.SIMULATOR in the simulator)."""
     if simulator():
-        return 1
-    dev = cuda.get_current_device()
-    return dev.MULTIPROCESSOR_COUNT if dev.COOPERATIVE_LAUNCH else 0
+        return numba_plan.SIMULATOR
+    return _device(cuda.get_current_device().id)
 
 
-def persistent_grid(B, H, G, itemsize):
-    """(blocks, shared bytes) for a persistent sweep, or None when W_hh does not fit on chip."""
-    max_blocks = min(cooperative_blocks(), H)
-    if max_blocks == 0:
-        return None
-    hs = (H + max_blocks - 1) // max_blocks          # hidden units per block
-    nblocks = (H + hs - 1) // hs
-    shared = (G * H * hs + 4 * threads()) * itemsize  # W_hh slice + 4 partial sums per thread
-    return (nblocks, shared) if shared <= SHARED_BYTES else None
+_refused = set()   # persistent launch configurations the device refused: they run per step from then on
 
 
-def choose_sweep(sweep, B, H, G, itemsize):
-    """("persistent", (blocks, shared bytes)) or ("step", None) for the requested `sweep`."""
-    if sweep not in SWEEPS:
-        raise ValueError(f"sweep must be one of {', '.join(map(repr, SWEEPS))}; got {sweep!r}")
-    grid = persistent_grid(B, H, G, itemsize) if sweep != "step" else None
-    if sweep == "persistent" and grid is None:
-        raise ValueError(f"sweep='persistent' needs W_hh ({G * H}x{H}) to fit in the shared memory of the "
-                         f"co-resident blocks ({SHARED_BYTES} bytes each); use sweep='step' or 'auto'")
-    if sweep == "auto" and (grid is None or B > PERSISTENT_MAX_BATCH):
-        return "step", None
-    return ("persistent", grid) if grid is not None else ("step", None)
+def launch_persistent(kernel, launch, stream, args):
+    """One cooperative launch of a persistent kernel; False when the device refuses it (too many blocks to be
+    co-resident, no cooperative launch under MPS or an old driver, too much shared memory): the caller then runs
+    the sweep per step. Warns once per configuration. Compile errors and errors inside the kernel are raised."""
+    key = (kernel, launch)
+    if key in _refused:
+        return False
+    from . import numba_sim
+    try:
+        if simulator():
+            numba_sim.admit(launch.blocks, launch.threads, launch.shared)
+        else:
+            compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+            opt_in_shared_memory(compiled, launch.shared)
+            co_resident = compiled.max_cooperative_grid_blocks(launch.threads, launch.shared)
+            if launch.blocks > co_resident:
+                raise RuntimeError(f"{launch.blocks} blocks of {launch.threads} threads and {launch.shared} bytes "
+                                   f"of shared memory; only {co_resident} can be resident at once")
+            kernel[launch.blocks, launch.threads, stream, launch.shared](*args)
+    except Exception as e:   # noqa: BLE001 - whatever refused the launch, the per-step sweep does the work
+        _refused.add(key)
+        warnings.warn(f"persistent sweep not launched ({e}); running it per step", RuntimeWarning, stacklevel=3)
+        return False
+    if simulator():
+        numba_sim.launch(kernel, launch.blocks, launch.threads, launch.shared, args)
+    return True
+
+
+def opt_in_shared_memory(compiled, nbytes):
+    """Let `compiled` (a Numba _Kernel) take `nbytes` of dynamic shared memory; above 48 KB a kernel must opt in."""
+    from numba.cuda.cudadrv.driver import binding, driver
+    cufunc = compiled._codelibrary.get_cufunc()
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attr, nbytes, cufunc.handle, cufunc.device.id)
 
 
 @dataclass
 class SweepCtx:
     cell: str
     act: int
-    sweep: str             # "persistent" | "step", what forward ran
-    grid: tuple            # (blocks, shared bytes) of the persistent launch, None for "step"
+    plan: object           # numba_plan.Plan of the sweep; plan.sweep is what forward ran
     lengths: object        # (B,) int32
     w_hh: object           # (G*H, H)
     h0: object             # (B, H)
@@ -109,14 +140,19 @@ class SweepCtx:
     cs: object             # (T, B, H) LSTM cell state after each step, else a (1, 1, 1) placeholder
     hns: object            # (T, B, H) GRU h_prev @ W_hn.T + b_hn, else a (1, 1, 1) placeholder
 
+    @property
+    def sweep(self):
+        return self.plan.sweep
+
 
 def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto"):
     xp = array_module()
     K = build(xw.dtype.type)
     T, B, GH = xw.shape
     H = w_hh.shape[1]
+    with on_device_of(xw):
+        plan = numba_plan.plan(sweep, B, H, GH // H, xw.dtype.itemsize, current_device())
     xw, w_hh, b_hh = (xp.ascontiguousarray(a) for a in (xw, w_hh, b_hh))
-    kind, grid = choose_sweep(sweep, B, H, GH // H, xw.dtype.itemsize)
     code, act = CELL_CODES[cell], ACT_CODES.get(cell[4:], 0)
     lstm, gru = cell == "lstm", cell == "gru"
     h0 = xp.ascontiguousarray(state0[0])
@@ -128,33 +164,37 @@ def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto"):
     hns = xp.empty((T, B, H), xw.dtype) if gru else xp.zeros((1, 1, 1), xw.dtype)
     stream = launch_stream()
     d = [device_view(a) for a in (xw, b_hh, lengths, c, y, gates, cs, hns)]
-    if kind == "persistent":
-        hbuf = xp.empty((2, B, H), xw.dtype)                              # h double buffer
-        hbuf[0] = h0
-        K.persistent_forward[grid[0], threads(), stream, grid[1]](
-            code, act, d[0], device_view(w_hh), d[1], d[2], device_view(hbuf), *d[3:])
-        h = hbuf[T % 2]
-    else:
-        h = h0.copy()                                                     # (B, H) updated in place
-        gh = xp.empty((B, GH), xw.dtype)                                  # h @ W_hh.T, reused every step
-        h_d, gh_d = device_view(h), device_view(gh)
-        step = K.step_forward[blocks(B * H), threads(), stream]
-        for t in range(T):
-            xp.matmul(h, w_hh.T, out=gh)
-            step(code, act, t, d[0], gh_d, d[1], d[2], h_d, *d[3:])
+    with on_device_of(xw):
+        h = None
+        if plan.sweep == "persistent":
+            hbuf = xp.empty((2, B, H), xw.dtype)                          # h double buffer
+            kernel = build_persistent(xw.dtype.type, code).forward
+            args = (act, plan.units, plan.forward.tiles, d[0], device_view(w_hh), d[1], d[2], device_view(h0),
+                    device_view(hbuf), *d[3:])
+            if launch_persistent(kernel, plan.forward, stream, args):
+                h = hbuf[T % 2]
+            else:
+                plan = numba_plan.Plan("step", reason="the persistent launch was refused")
+        if h is None:
+            h = h0.copy()                                                 # (B, H) updated in place
+            gh = xp.empty((B, GH), xw.dtype)                              # h @ W_hh.T, reused every step
+            h_d, gh_d = device_view(h), device_view(gh)
+            step = K.step_forward[blocks(B * H), threads(), stream]
+            for t in range(T):
+                xp.matmul(h, w_hh.T, out=gh)
+                step(code, act, t, d[0], gh_d, d[1], d[2], h_d, *d[3:])
     state_n = (h, c) if lstm else (h,)
     if not training:
         return y, state_n, None
-    return y, state_n, SweepCtx(cell, act, kind, grid, lengths, w_hh, h0, y, gates, c0, cs, hns)
+    return y, state_n, SweepCtx(cell, act, plan, lengths, w_hh, h0, y, gates, c0, cs, hns)
 
 
 def backward(ctx, dy, dstate_n):
     xp = array_module()
     K = build(ctx.y.dtype.type)
     T, B, H = ctx.y.shape
-    GH = ctx.w_hh.shape[0]
     dy = xp.ascontiguousarray(dy)
-    dgx = xp.zeros((T, B, GH), dy.dtype)
+    dgx = xp.zeros((T, B, ctx.w_hh.shape[0]), dy.dtype)
     dgh = xp.zeros_like(dgx) if ctx.cell == "gru" else dgx
     dh = xp.array(dstate_n[0], copy=True)                                 # (B, H) carried dL/dh
     dc = xp.array(dstate_n[1], copy=True) if ctx.cell == "lstm" else xp.zeros((1, 1), dy.dtype)
@@ -162,18 +202,20 @@ def backward(ctx, dy, dstate_n):
     code = CELL_CODES[ctx.cell]
     d = [device_view(a) for a in (dh, dy, ctx.y, ctx.h0, ctx.gates, ctx.cs, ctx.c0, ctx.hns, ctx.lengths,
                                   dc, dgx, dgh)]
-    if ctx.sweep == "persistent":
-        blocks_, shared = ctx.grid
-        K.persistent_backward[blocks_, threads(), stream, shared](code, ctx.act, device_view(ctx.w_hh), d[8],
-                                                                  *d[:8], *d[9:])
-    else:
-        dhg = xp.zeros((B, H), dy.dtype)                                  # dG_{t+1} @ W_hh, reused every step
-        dhg_d = device_view(dhg)
-        step = K.step_backward[blocks(B * H), threads(), stream]
-        for t in range(T - 1, -1, -1):
-            step(code, ctx.act, t, dhg_d, *d)
-            xp.matmul(dgh[t], ctx.w_hh, out=dhg)
-        dh += dhg
+    with on_device_of(dy):
+        done = False
+        if ctx.plan.sweep == "persistent":
+            kernel = build_persistent(dy.dtype.type, code).backward
+            args = (ctx.act, ctx.plan.units, ctx.plan.backward.tiles, device_view(ctx.w_hh), d[8], *d[:8], *d[9:])
+            done = launch_persistent(kernel, ctx.plan.backward, stream, args)
+        if not done:
+            dhg = xp.zeros((B, H), dy.dtype)                              # dG_{t+1} @ W_hh, reused every step
+            dhg_d = device_view(dhg)
+            step = K.step_backward[blocks(B * H), threads(), stream]
+            for t in range(T - 1, -1, -1):
+                step(code, ctx.act, t, dhg_d, *d)
+                xp.matmul(dgh[t], ctx.w_hh, out=dhg)
+            dh += dhg
     dstate0 = (dh, dc) if ctx.cell == "lstm" else (dh,)
     return dgx, dgh, dstate0
 

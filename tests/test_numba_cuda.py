@@ -1,8 +1,8 @@
 """The numba backend's kernels against the float64 NumPy reference: outputs, final states and every gradient.
 
-Without a GPU these run in Numba's CUDA simulator (conftest sets NUMBA_ENABLE_CUDASIM=1), which launches
-persistent sweeps with a one-block grid; with a GPU they run for real on CuPy arrays. Sizes stay tiny: the
-simulator runs one Python thread per CUDA thread.
+Without a GPU these run in Numba's CUDA simulator (conftest sets NUMBA_ENABLE_CUDASIM=1); persistent sweeps then
+run on several blocks at once through kernels/numba_sim.py (see test_persistent_many_blocks.py); with a GPU they
+run for real on CuPy arrays. Sizes stay tiny: the simulator runs one Python thread per CUDA thread.
 """
 import numpy as np
 import pytest
@@ -12,8 +12,9 @@ from gpurnn.kernels import numba_cuda as N
 from gpurnn.kernels import numpy_ref as ref
 from util import CELLS, make_layer, random_problem, to_numpy
 
-# (T, B, H, lengths): T = B = H = 1; odd sizes with ragged lengths; H = 33 (the persistent sweep needs several
-# passes over a block's units); B*H = 36 > 32 threads of a simulator block, so the per-step kernels span blocks.
+# (T, B, H, lengths): T = B = H = 1; odd sizes with ragged lengths; H = 33 (3 blocks of 12 units in a persistent
+# sweep, so each warp takes several items); B*H = 36 > 32 threads of a simulator block, so the per-step kernels
+# span blocks.
 SHAPES = {"T1B1H1": (1, 1, 1, [1]), "ragged": (4, 3, 5, [4, 2, 1]), "H33": (2, 2, 33, [2, 2]),
           "blocks": (3, 4, 9, [3, 1, 2, 3])}
 TOL = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -77,21 +78,6 @@ def test_inference_returns_no_ctx_and_same_output(cell):
     np.testing.assert_allclose(to_numpy(y), y_ref, **TOL[np.float64])
     for a, b in zip(state_n, state_ref):
         np.testing.assert_allclose(to_numpy(a), b, **TOL[np.float64])
-
-
-def test_auto_sweep_follows_sizes_and_limits():
-    grid = N.persistent_grid(4, 8, 4, 4)
-    assert grid is not None and grid[1] <= N.SHARED_BYTES
-    assert N.choose_sweep("auto", 4, 8, 4, 4) == ("persistent", grid)
-    assert N.choose_sweep("auto", N.PERSISTENT_MAX_BATCH + 1, 8, 4, 4) == ("step", None)
-    assert N.choose_sweep("step", 4, 8, 4, 4) == ("step", None)
-    too_big = 4096    # W_hh of 4*4096 x 4096 float32 fits no GPU's shared memory
-    assert N.persistent_grid(4, too_big, 4, 4) is None
-    assert N.choose_sweep("auto", 4, too_big, 4, 4) == ("step", None)
-    with pytest.raises(ValueError, match="sweep='persistent'"):
-        N.choose_sweep("persistent", 4, too_big, 4, 4)
-    with pytest.raises(ValueError, match="sweep must be one of"):
-        N.choose_sweep("fused", 4, 8, 4, 4)
 
 
 @pytest.mark.parametrize("act,out_act", [("tanh", "sigmoid"), ("relu", "identity"), ("sigmoid", "tanh")])

@@ -1,0 +1,334 @@
+"""Persistent sweeps: all T steps of one layer and direction in one cooperative launch, built per (dtype, cell).
+
+Block k of the grid owns hidden units j0 = k*units .. min(H, j0 + units) - 1 and keeps, for the whole launch, its
+slice of W_hh (forward: the G*units rows of its units; backward: the `units` columns of W_hh, i.e. rows of
+W_hh^T) in dynamic shared memory. Per step it stages the vector the matvec reads (forward h_t (B, H); backward
+dgates_{t+1} (B, G*H)) into shared memory once, computes its units, writes them to global memory, and one
+grid-wide barrier publishes them to every block.
+
+Work split inside a block: the batch is cut into tiles of BT = 4 rows; an *item* is one tile times one *lane
+group* of R rows of the slice, and one warp computes one item at a time. Lane l of the warp takes
+k = l, l+32, l+64, ... and keeps R*BT partial sums in registers: per k it reads R weights (one 16-byte LDS when
+R = 4) and BT values of the staged vector (one LDS.128) and issues R*BT FMAs, so each weight serves BT batch
+rows and each staged value R rows. Then a warp-shuffle reduce-scatter (reduce_tile) leaves lane l holding the R
+full sums of batch row bb = l >> 3, and lanes with (l & 7) < units-per-group do the pointwise math of one
+(b, unit) each. The hot-loop index math is unsigned 32-bit (no wrap-around selects, 32-bit adds).
+
+Lane groups: forward, G*UPT rows = UPT units with all their G gates (UPT = 4 for Elman, 1 for LSTM and GRU, so
+R = 4, 4, 3); backward, 4 columns of W_hh (R = 4 for every cell).
+Shared memory, in elements: forward [W: ceil(units/UPT) * H * R, rounded up to 4][h: tiles * H * BT];
+backward [W^T: ceil(units/4) * G*H * 4][dgates: tiles * G*H * BT] (see numba_plan.shared_elements).
+Arguments `units` (hidden units per block) and `tiles` (batch tiles staged per pass; ceil(B/4) when they fit, so
+one pass per step) come from the launch plan (numba_plan.py).
+"""
+import functools
+from types import SimpleNamespace
+
+import numpy as np
+from numba import cuda, from_dtype, uint32
+
+from .numba_cuda_kernels import ELMAN, GRU, LSTM, build as build_cells
+
+BT = 4                    # batch rows per tile
+WARP = 32                 # lanes of a warp; one warp computes one item
+FULL_MASK = 0xFFFFFFFF    # every lane takes part in each shuffle
+# Launch bounds: at most MAX_THREADS[itemsize] threads per block, registers capped so that MIN_BLOCKS such blocks
+# fit an SM (65536 registers: 128 per thread at 256 threads). float64 gets 128 threads: its 16 accumulators,
+# 4 weights and 4 staged values take twice the registers, and 128 would spill on sm_80.
+MAX_THREADS = {4: 256, 8: 128}
+MIN_BLOCKS = 2
+GATE_COUNT = {ELMAN: 1, LSTM: 4, GRU: 3}
+
+
+def simulator():
+    return bool(cuda.config.ENABLE_CUDASIM)
+
+
+def checked_u32(x):
+    """The simulator's uint32 cast: a Python int (fast), and an error where the GPU would wrap around."""
+    x = int(x)
+    if not 0 <= x < 1 << 32:
+        raise OverflowError(f"unsigned 32-bit index out of range: {x}")
+    return x
+
+
+U32 = checked_u32 if simulator() else uint32
+# Unsigned constants for index math: Numba types uint32 op uint32 as uint64 and int64 op uint64 as float64, so every
+# integer that meets an index is unsigned (U32(x) on each result keeps the arithmetic 32 bits wide).
+BT_, WARP_, FOUR = U32(BT), U32(WARP), U32(4)
+
+
+def jit_options(itemsize=None):
+    """Options for cuda.jit on a GPU (the simulator takes neither): device functions (itemsize None) inlined
+    into the kernel, so their register arrays stay registers; kernels with launch bounds."""
+    if simulator():
+        return {"device": itemsize is None}
+    if itemsize is None:
+        return {"device": True, "forceinline": True}
+    return {"launch_bounds": (MAX_THREADS[itemsize], MIN_BLOCKS)}
+
+
+def units_per_group(G, backward):
+    """Hidden units one lane group serves: forward UPT (4 Elman units, 1 LSTM/GRU unit), backward 4 columns."""
+    return 4 if backward or G == 1 else 1
+
+
+def rows_per_group(G, backward):
+    return 4 if backward else G * units_per_group(G, False)
+
+
+@functools.lru_cache(maxsize=None)
+def tile_ops(dtype, R):
+    """dot_tile and reduce_tile for lane groups of R rows, dtype `dtype`."""
+    F = np.dtype(dtype).type
+    NF = from_dtype(np.dtype(dtype))
+    RB, R2 = R * BT, 2 * R       # local array sizes must be compile-time constants
+    R_ = U32(R)
+
+    @cuda.jit(**jit_options())
+    def dot_tile(sm, wq, xq, K, lane, acc):
+        """acc[r*BT + bb] = sum over k = lane, lane+32, ... < K of sm[R*(wq + k) + r] * sm[BT*(xq + k) + bb].
+
+        sm: the block's shared memory; wq, xq: offsets (in units of R and BT elements) of this lane group's
+        weights and of this tile's staged vector; acc: (R*BT,) registers."""
+        for e in range(RB):
+            acc[e] = F(0)
+        k = U32(lane)
+        while k < K:
+            w = U32(R_ * (wq + k))
+            x = U32(BT_ * (xq + k))
+            for r in range(R):
+                wv = sm[w + r]
+                for bb in range(BT):
+                    acc[r * BT + bb] += wv * sm[x + bb]
+            k = U32(k + WARP_)
+
+    @cuda.jit(**jit_options())
+    def reduce_rows(acc, lane, sums):
+        """sums[r] = the warp-wide sum of acc[r*BT + bb] for bb = lane >> 3, every r: 6R shuffles.
+
+        Reduce-scatter over the batch, then a butterfly: lanes 16 apart swap halves of the tile (bit 4 of the
+        lane keeps bb >> 1), lanes 8 apart the other half (bit 3 keeps bb & 1), lanes 4, 2, 1 apart add whole."""
+        hi = (lane >> 4) & 1
+        lo = (lane >> 3) & 1
+        half = cuda.local.array(R2, NF)
+        # values first, then selects: a select between two array elements would index the array at run time
+        for r in range(R):
+            for i in range(2):
+                low, high = acc[r * BT + i], acc[r * BT + 2 + i]
+                keep, send = (high, low) if hi else (low, high)
+                half[2 * r + i] = keep + cuda.shfl_xor_sync(FULL_MASK, send, 16)
+        for r in range(R):
+            low, high = half[2 * r], half[2 * r + 1]
+            keep, send = (high, low) if lo else (low, high)
+            s = keep + cuda.shfl_xor_sync(FULL_MASK, send, 8)
+            s += cuda.shfl_xor_sync(FULL_MASK, s, 4)
+            s += cuda.shfl_xor_sync(FULL_MASK, s, 2)
+            s += cuda.shfl_xor_sync(FULL_MASK, s, 1)
+            sums[r] = s
+
+    @cuda.jit(**jit_options())
+    def reduce_scatter(acc, lane):
+        """The warp-wide sum of acc[r*BT + bb] for bb = lane >> 3, r = (lane >> 1) & 3 (R = 4): 16 shuffles.
+
+        Each step halves what a lane holds: lanes 16 and 8 apart split the batch as in reduce_rows, lanes 4
+        and 2 apart split the rows (bits 2 and 1 of the lane), lanes 1 apart add the one value left."""
+        hi = (lane >> 4) & 1
+        lo = (lane >> 3) & 1
+        r1 = (lane >> 2) & 1
+        r0 = (lane >> 1) & 1
+        half = cuda.local.array(R2, NF)
+        for r in range(R):
+            for i in range(2):
+                low, high = acc[r * BT + i], acc[r * BT + 2 + i]
+                keep, send = (high, low) if hi else (low, high)
+                half[2 * r + i] = keep + cuda.shfl_xor_sync(FULL_MASK, send, 16)
+        quarter = cuda.local.array(R, NF)                   # quarter[r]: this lane's bb
+        for r in range(R):
+            low, high = half[2 * r], half[2 * r + 1]
+            keep, send = (high, low) if lo else (low, high)
+            quarter[r] = keep + cuda.shfl_xor_sync(FULL_MASK, send, 8)
+        pair = cuda.local.array(2, NF)                      # pair[i]: row 2*r1 + i
+        for i in range(2):
+            low, high = quarter[i], quarter[2 + i]
+            keep, send = (high, low) if r1 else (low, high)
+            pair[i] = keep + cuda.shfl_xor_sync(FULL_MASK, send, 4)
+        keep, send = (pair[1], pair[0]) if r0 else (pair[0], pair[1])
+        v = keep + cuda.shfl_xor_sync(FULL_MASK, send, 2)
+        return v + cuda.shfl_xor_sync(FULL_MASK, v, 1)
+
+    return SimpleNamespace(dot_tile=dot_tile, reduce_rows=reduce_rows, reduce_scatter=reduce_scatter, local_type=NF)
+
+
+@functools.lru_cache(maxsize=None)
+def build(dtype, cell):
+    """SimpleNamespace(forward, backward): the persistent kernels of cell code `cell` (ELMAN | LSTM | GRU)."""
+    F = np.dtype(dtype).type
+    cells = build_cells(dtype)
+    unit_forward, unit_backward = cells.unit_forward, cells.unit_backward
+    G = GATE_COUNT[cell]
+    UPT = units_per_group(G, False)
+    R = rows_per_group(G, False)
+    G_, UPT_, R_ = U32(G), U32(UPT), U32(R)
+    RB = R * BT                  # accumulators per lane, forward (backward: 4 * BT)
+    RB4 = 4 * BT
+    fwd, bwd = tile_ops(dtype, R), tile_ops(dtype, 4)
+    dot_fwd, gates_sum, units_sum = fwd.dot_tile, fwd.reduce_rows, fwd.reduce_scatter
+    dot_bwd, columns_sum = bwd.dot_tile, bwd.reduce_scatter
+    NF = fwd.local_type
+
+    @cuda.jit(**jit_options(np.dtype(dtype).itemsize))
+    def forward(act, units, tiles, xw, w_hh, b_hh, lengths, h0, hbuf, c, y, gates, cs, hns):
+        """All T forward steps. act: Elman activation code; units, tiles: see the module docstring.
+
+        xw: (T, B, G*H)  w_hh: (G*H, H)  b_hh: (G*H,)  lengths: (B,) int32  h0: (B, H)
+        hbuf: (2, B, H) step t reads h_t (h0 at t = 0, else hbuf[t % 2]) and writes h_{t+1} to hbuf[(t+1) % 2]
+        c: (B, H) LSTM state, updated in place  y: (T, B, H)  gates: (T, B, G*H)  cs, hns: (T, B, H)
+        """
+        T = xw.shape[0]
+        B = U32(hbuf.shape[1])
+        H = U32(hbuf.shape[2])
+        units_ = U32(units)
+        tid = U32(cuda.threadIdx.x)
+        lane = U32(tid % WARP_)
+        warp = U32(tid // WARP_)
+        nthreads = U32(cuda.blockDim.x)
+        j0 = U32(U32(cuda.blockIdx.x) * units_)
+        nj = U32(min(units_, U32(H - j0)))                      # units of this block
+        groups = U32((nj + UPT_ - 1) // UPT_)
+        padded = U32((units_ + UPT_ - 1) // UPT_ * UPT_)        # units of the W slice: rows past nj are 0
+        xq0 = U32((padded // UPT_ * H * R_ + BT_ - 1) // BT_)   # the staged h starts at element BT*xq0
+        sm = cuda.shared.array(0, dtype=xw.dtype)
+        # W slice: sm[R*(ug*H + k) + g*UPT + uu] = w_hh[g*H + j0 + ug*UPT + uu, k]; read along k (coalesced)
+        e = tid
+        while e < G_ * padded * H:
+            gj = U32(e // H)
+            k = U32(e - gj * H)
+            g = U32(gj // padded)
+            jj = U32(gj - g * padded)
+            v = w_hh[g * H + j0 + jj, k] if jj < nj else F(0)
+            sm[U32(R_ * (jj // UPT_ * H + k) + g * UPT_ + jj % UPT_)] = v
+            e = U32(e + nthreads)
+        ntiles = U32((B + BT_ - 1) // BT_)
+        acc = cuda.local.array(RB, NF)
+        sums = cuda.local.array(R, NF)
+        grid = cuda.cg.this_grid()
+        for t in range(T):
+            cur = t % 2
+            for tile0 in range(0, ntiles, tiles):
+                nt = U32(min(U32(tiles), U32(ntiles - tile0)))
+                if t == 0 or tile0 > 0:
+                    cuda.syncthreads()                          # the W slice, or the previous pass, is done
+                # stage h_t of batch rows BT*tile0 ..: sm[BT*(xq0 + ts*H + k) + bb] = h_t[BT*(tile0 + ts) + bb, k]
+                e = tid
+                while e < nt * BT_ * H:
+                    row = U32(e // H)
+                    k = U32(e - row * H)
+                    b = U32(tile0 * BT_ + row)
+                    v = F(0)
+                    if b < B:
+                        v = h0[b, k] if t == 0 else hbuf[cur, b, k]
+                    sm[U32(BT_ * (xq0 + row // BT_ * H + k) + row % BT_)] = v
+                    e = U32(e + nthreads)
+                cuda.syncthreads()
+                for item in range(warp, nt * groups, nthreads // WARP_):
+                    ts = U32(item // groups)
+                    ug = U32(item - ts * groups)
+                    xq = U32(xq0 + ts * H)
+                    dot_fwd(sm, U32(ug * H), xq, H, lane, acc)
+                    if UPT == 1:                                # lane 8*bb: the G gates of unit ug, row bb
+                        gates_sum(acc, lane, sums)
+                        r0 = sums[0]
+                        r1 = sums[1] if G > 1 else F(0)
+                        r2 = sums[2] if G > 2 else F(0)
+                        r3 = sums[3] if G > 3 else F(0)
+                        uu = U32(0)
+                        writer = lane % 8 == 0
+                    else:                                       # lane 8*bb + 2*uu: unit ug*4 + uu, row bb
+                        r0 = units_sum(acc, lane)
+                        r1 = r2 = r3 = F(0)
+                        uu = U32(lane // 2 % 4)
+                        writer = lane % 2 == 0
+                    bb = U32(lane // 8)
+                    b = U32((tile0 + ts) * BT_ + bb)
+                    jj = U32(ug * UPT_ + uu)
+                    if writer and jj < nj and b < B:
+                        j = U32(j0 + jj)
+                        h_prev = sm[U32(BT_ * (xq + j) + bb)]
+                        hbuf[1 - cur, b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], xw, b_hh,
+                                                           r0, r1, r2, r3, h_prev, c, y, gates, cs, hns)
+            if t + 1 < T:
+                grid.sync()
+
+    @cuda.jit(**jit_options(np.dtype(dtype).itemsize))
+    def backward(act, units, tiles, w_hh, lengths, dh, dy, y, h0, gates, cs, c0, hns, dc, dgx, dgh):
+        """All T backward steps, then dL/dh0. dh: (B, H) dL/dh_n on entry, dL/dh0 on exit.
+
+        dL/dh_t[b, k] = carried[b, k] + sum_gj dgh[t+1, b, gj] W_hh[gj, k]: block k keeps columns k0 .. of W_hh
+        (rows of W_hh^T); step t = -1 only adds dgh[0] @ W_hh. w_hh: (G*H, H)  lengths: (B,) int32
+        dy, y: (T, B, H)  h0, c0: (B, H)  gates, dgx, dgh: (T, B, G*H)  cs, hns: (T, B, H)  dc: (B, H) LSTM
+        dL/dc, in place. dgx, dgh arrive zeroed (padded steps leave them 0); for Elman and LSTM dgh is dgx.
+        """
+        T = dy.shape[0]
+        B = U32(dh.shape[0])
+        H = U32(dh.shape[1])
+        GH = U32(w_hh.shape[0])
+        units_ = U32(units)
+        tid = U32(cuda.threadIdx.x)
+        lane = U32(tid % WARP_)
+        warp = U32(tid // WARP_)
+        nthreads = U32(cuda.blockDim.x)
+        k0 = U32(U32(cuda.blockIdx.x) * units_)
+        nk = U32(min(units_, U32(H - k0)))                      # columns of this block
+        groups = U32((nk + FOUR - 1) // FOUR)
+        padded = U32((units_ + FOUR - 1) // FOUR * FOUR)        # columns of the W^T slice: past nk they are 0
+        xq0 = U32(padded // FOUR * GH)                          # the staged dgates start at element BT*xq0
+        sm = cuda.shared.array(0, dtype=dy.dtype)
+        # W^T slice: sm[4*(cg*GH + gj) + r] = w_hh[gj, k0 + 4*cg + r]; read along the rows of W_hh
+        e = tid
+        while e < GH * padded:
+            gj = U32(e // padded)
+            col = U32(e - gj * padded)
+            v = w_hh[gj, k0 + col] if col < nk else F(0)
+            sm[U32(FOUR * (col // FOUR * GH + gj) + col % FOUR)] = v
+            e = U32(e + nthreads)
+        ntiles = U32((B + BT_ - 1) // BT_)
+        acc = cuda.local.array(RB4, NF)
+        grid = cuda.cg.this_grid()
+        for step in range(T + 1):
+            t = T - 1 - step
+            for tile0 in range(0, ntiles, tiles):
+                nt = U32(min(U32(tiles), U32(ntiles - tile0)))
+                if step == 0 or tile0 > 0:
+                    cuda.syncthreads()
+                if t + 1 < T:
+                    # stage dgh[t+1] of batch rows BT*tile0 ..: sm[BT*(xq0 + ts*GH + gj) + bb]
+                    e = tid
+                    while e < nt * BT_ * GH:
+                        row = U32(e // GH)
+                        gj = U32(e - row * GH)
+                        b = U32(tile0 * BT_ + row)
+                        v = dgh[t + 1, b, gj] if b < B else F(0)
+                        sm[U32(BT_ * (xq0 + row // BT_ * GH + gj) + row % BT_)] = v
+                        e = U32(e + nthreads)
+                    cuda.syncthreads()
+                for item in range(warp, nt * groups, nthreads // WARP_):
+                    ts = U32(item // groups)
+                    cg = U32(item - ts * groups)
+                    dsum = F(0)                                 # lane 8*bb + 2*r: column cg*4 + r, row bb
+                    if t + 1 < T:
+                        dot_bwd(sm, U32(cg * GH), U32(xq0 + ts * GH), GH, lane, acc)
+                        dsum = columns_sum(acc, lane)
+                    b = U32((tile0 + ts) * BT_ + lane // 8)
+                    col = U32(cg * FOUR + lane // 2 % 4)
+                    if lane % 2 == 0 and col < nk and b < B:
+                        j = U32(k0 + col)
+                        dh_in = dh[b, j] + dsum
+                        if t >= 0:
+                            dh_in = unit_backward(cell, act, t, b, j, t < lengths[b], dh_in, dy, y, h0, gates, cs,
+                                                  c0, hns, dc, dgx, dgh)
+                        dh[b, j] = dh_in
+            if t >= 0:
+                grid.sync()
+
+    return SimpleNamespace(forward=forward, backward=backward)

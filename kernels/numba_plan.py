@@ -1,0 +1,189 @@
+"""Launch plans for the numba backend's sweeps: persistent (one cooperative launch per layer and direction) or
+per-step (a GEMM and a fused pointwise kernel per step), with the persistent grid, block and W_hh split.
+
+`plan(sweep, B, H, G, itemsize, device)` lays out a persistent sweep for the device and, for sweep="auto",
+takes it when it fits on chip and the cost model below says it is faster than the per-step sweep.
+
+Layout (numba_persistent.py): each block owns `units` hidden units, as few as the SM count allows and a multiple of
+4 (UNIT_QUANTUM) where that still fits, so there is at most one block per SM and each block's shared memory holds its W_hh slice
+(forward G*units rows, backward `units` columns) plus `tiles` staged batch tiles of 4 rows; `tiles` is as many
+as fit, up to the whole batch (one staging pass per step). One warp works on one (tile, lane group) item at a
+time; a block gets as many warps as it has items per pass, within the kernel's launch bounds and the device.
+
+Registers: the kernels are compiled with launch bounds (MAX_THREADS[itemsize], MIN_BLOCKS = 2), so 2 blocks of
+the largest block the plan picks fit an SM's registers. The plan still launches one block per SM: its W_hh slice
+takes the SM's shared memory, and the grid barrier needs every block resident at once.
+
+Cost model, per step and direction (estimates from the device's datasheet class, NOT measurements; a GPU
+session replaces them with measured values, see docs/PERFORMANCE.md):
+- persistent: GRID_BARRIER_S + per pass (staging the tiles through L2 + a warp's items, each ceil(K/32) hot-loop
+  iterations of R*4 FMAs at HOT_LOOP_INSTR_PER_FMA issue slots plus ITEM_OVERHEAD_CLOCKS for the shuffle
+  reduction and the pointwise math; warps beyond the SM's 4 schedulers share them);
+- per-step: max(host time of its launches, device time of the GEMM (W_hh streamed from memory, or its FLOPs)
+  + POINTWISE_KERNEL_S).
+"""
+from dataclasses import dataclass
+
+from .numba_persistent import BT, MAX_THREADS, WARP, rows_per_group, units_per_group
+
+SWEEPS = ("auto", "persistent", "step")
+UNIT_QUANTUM = 4              # units per block: a multiple of 4, since a backward lane group covers 4 columns
+                              # and an Elman forward lane group 4 units (fewer would leave their lanes idle)
+SCHEDULERS_PER_SM = 4         # warp schedulers of an SM (Volta .. Hopper): at most 4 warps issue per clock
+GRID_BARRIER_S = 1.5e-6       # one grid-wide barrier: each block's arrival and release through L2
+HOT_LOOP_INSTR_PER_FMA = 1.6  # SASS instructions per FMA of the persistent hot loop (python -m gpurnn.kernels.sass)
+ITEM_OVERHEAD_CLOCKS = 600    # per item: <= 24 dependent shuffles (~30 clocks each) plus the pointwise math
+L2_BYTES_PER_SM_CLOCK = 32    # what one SM reads from L2 per clock when it stages the step's vector
+HOST_LAUNCHES_PER_STEP = 2    # the per-step sweep: one GEMM (cuBLAS through CuPy) + one Numba kernel per step
+HOST_LAUNCH_S = 5e-6          # host time of one launch: the low end of Numba's 5-20 us, about CuPy's GEMM call
+POINTWISE_KERNEL_S = 2e-6     # device time of the tiny fused pointwise kernel of one step
+GEMM_EFFICIENCY = 0.5         # share of peak FLOP/s and bandwidth cuBLAS reaches on a (B, H) x (H, G*H) product
+
+
+@dataclass(frozen=True)
+class Device:
+    """What a plan needs to know about a GPU (read from it by numba_cuda.current_device, or described)."""
+    name: str
+    sms: int                  # multiprocessors
+    shared_per_block: int     # bytes of shared memory a block may opt in to
+    registers_per_sm: int
+    clock_hz: float
+    fma_per_sm_clock: dict    # itemsize -> FMA lanes per SM per clock (4: FP32, 8: FP64)
+    memory_bytes_per_s: float
+    cooperative: bool = True  # cooperative launch supported (else grid.sync() cannot run)
+    max_threads: int = 1024   # threads per block
+
+
+# Described devices: datasheet figures, for the planner's tests and for reading plans without a GPU.
+H100_SXM = Device("H100 SXM", sms=132, shared_per_block=227 * 1024, registers_per_sm=65536, clock_hz=1.755e9,
+                  fma_per_sm_clock={4: 128, 8: 64}, memory_bytes_per_s=3.35e12)
+A100_SXM = Device("A100 SXM", sms=108, shared_per_block=163 * 1024, registers_per_sm=65536, clock_hz=1.41e9,
+                  fma_per_sm_clock={4: 64, 8: 32}, memory_bytes_per_s=2.0e12)
+# The simulator: a few small "SMs", so that tiny problems still spread over several blocks; blocks of 1-2 warps.
+SIMULATOR = Device("CUDA simulator", sms=4, shared_per_block=48 * 1024, registers_per_sm=65536, clock_hz=1e9,
+                   fma_per_sm_clock={4: 64, 8: 32}, memory_bytes_per_s=1e12, max_threads=2 * WARP)
+
+
+# FMA lanes per SM (FP32, FP64) by compute capability, from NVIDIA's architecture whitepapers.
+FMA_LANES_PER_SM = {(7, 0): (64, 32), (7, 5): (64, 2), (8, 0): (64, 32), (8, 6): (128, 2), (8, 7): (128, 2),
+                    (8, 9): (128, 2), (9, 0): (128, 64), (10, 0): (128, 64), (12, 0): (128, 2)}
+
+
+def describe(gpu):
+    """The Device of a Numba GPU object (cuda.gpus[i]), read from its attributes."""
+    fp32, fp64 = FMA_LANES_PER_SM.get(tuple(gpu.compute_capability), (64, 2))
+    name = gpu.name.decode() if isinstance(gpu.name, bytes) else str(gpu.name)
+    return Device(name, sms=gpu.MULTIPROCESSOR_COUNT, shared_per_block=gpu.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                  registers_per_sm=gpu.MAX_REGISTERS_PER_MULTIPROCESSOR, clock_hz=gpu.CLOCK_RATE * 1e3,
+                  fma_per_sm_clock={4: fp32, 8: fp64},
+                  memory_bytes_per_s=2 * gpu.MEMORY_CLOCK_RATE * 1e3 * gpu.GLOBAL_MEMORY_BUS_WIDTH / 8,
+                  cooperative=bool(gpu.COOPERATIVE_LAUNCH), max_threads=gpu.MAX_THREADS_PER_BLOCK)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One persistent kernel launch: grid, block, dynamic shared memory, batch tiles staged per pass."""
+    blocks: int
+    threads: int
+    shared: int               # bytes
+    tiles: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    sweep: str                # "persistent" | "step"
+    units: int = 0            # hidden units per block (persistent)
+    forward: Launch = None
+    backward: Launch = None
+    reason: str = ""
+
+
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+def shared_elements(backward, G, H, units, tiles):
+    """Elements of dynamic shared memory a persistent kernel uses (the layout of numba_persistent.py)."""
+    if backward:
+        return ceil_div(units, 4) * 4 * G * H + tiles * BT * G * H
+    R = rows_per_group(G, False)
+    w = ceil_div(units, units_per_group(G, False)) * H * R
+    return ceil_div(w, BT) * BT + tiles * BT * H
+
+
+def persistent_layout(B, H, G, itemsize, device):
+    """(units, forward Launch, backward Launch), or a string saying why W_hh does not fit on chip.
+
+    units: ceil(H / SMs) rounded up to UNIT_QUANTUM, or ceil(H / SMs) itself when the rounded slice does not fit."""
+    if not device.cooperative:
+        return "the device has no cooperative launch"
+    fewest = ceil_div(H, device.sms)
+    why = ""
+    for units in dict.fromkeys((ceil_div(fewest, UNIT_QUANTUM) * UNIT_QUANTUM, fewest)):
+        launches = [layout_launch(B, H, G, itemsize, device, units, backward) for backward in (False, True)]
+        if None not in launches:
+            return units, launches[0], launches[1]
+        need = max(shared_elements(backward, G, H, units, 1) for backward in (False, True)) * itemsize
+        why = (f"W_hh's slice and one batch tile need {need} bytes of shared memory per block "
+               f"({ceil_div(H, units)} blocks of {units} units), more than the device's {device.shared_per_block}")
+    return why
+
+
+def layout_launch(B, H, G, itemsize, device, units, backward):
+    """The Launch of one direction with `units` per block and as many batch tiles as fit, or None."""
+    fits = [t for t in range(ceil_div(B, BT), 0, -1)
+            if shared_elements(backward, G, H, units, t) * itemsize <= device.shared_per_block]
+    if not fits:
+        return None
+    tiles = fits[0]
+    groups = ceil_div(units, 4 if backward else units_per_group(G, False))
+    warps = max(1, min(tiles * groups, min(device.max_threads, MAX_THREADS[itemsize]) // WARP))
+    return Launch(ceil_div(H, units), warps * WARP, shared_elements(backward, G, H, units, tiles) * itemsize, tiles)
+
+
+def persistent_step_seconds(B, H, G, itemsize, device, units, launch, backward):
+    """Estimated time of one step of a persistent sweep in one direction."""
+    K = G * H if backward else H                        # length of each dot product
+    R = rows_per_group(G, backward)
+    groups = ceil_div(units, 4 if backward else units_per_group(G, False))
+    passes = ceil_div(ceil_div(B, BT), launch.tiles)
+    warps = launch.threads // WARP
+    items_per_warp = ceil_div(launch.tiles * groups, warps)
+    # a warp's FMA instruction takes 1 issue slot, or longer where the SM has fewer FMA lanes per scheduler
+    clocks_per_fma = max(HOT_LOOP_INSTR_PER_FMA, WARP * SCHEDULERS_PER_SM / device.fma_per_sm_clock[itemsize])
+    fma_clocks = ceil_div(K, WARP) * R * BT * clocks_per_fma
+    warp_clocks = items_per_warp * (fma_clocks + ITEM_OVERHEAD_CLOCKS) * max(1, warps / SCHEDULERS_PER_SM)
+    stage_clocks = launch.tiles * BT * K * itemsize / L2_BYTES_PER_SM_CLOCK
+    return GRID_BARRIER_S + passes * (warp_clocks + stage_clocks) / device.clock_hz
+
+
+def step_step_seconds(B, H, G, itemsize, device):
+    """Estimated time of one step of the per-step sweep in one direction (host launches overlap the device)."""
+    gemm = max(G * H * H * itemsize / device.memory_bytes_per_s,
+               B * G * H * H / (device.sms * device.fma_per_sm_clock[itemsize] * device.clock_hz)) / GEMM_EFFICIENCY
+    return max(HOST_LAUNCHES_PER_STEP * HOST_LAUNCH_S, gemm + POINTWISE_KERNEL_S)
+
+
+def plan(sweep, B, H, G, itemsize, device):
+    """The Plan for a sweep of batch B, hidden size H, G gates, `itemsize`-byte floats on `device`.
+
+    sweep: "auto" (the cost model decides), "persistent" (ValueError when W_hh does not fit on chip) or "step"."""
+    if sweep not in SWEEPS:
+        raise ValueError(f"sweep must be one of {', '.join(map(repr, SWEEPS))}; got {sweep!r}")
+    if sweep == "step":
+        return Plan("step", reason="sweep='step' requested")
+    layout = persistent_layout(B, H, G, itemsize, device)
+    if isinstance(layout, str):
+        if sweep == "persistent":
+            raise ValueError(f"sweep='persistent' cannot run on {device.name}: {layout}; use sweep='step' or 'auto'")
+        return Plan("step", reason=layout)
+    units, fwd, bwd = layout
+    if sweep == "persistent":
+        return Plan("persistent", units, fwd, bwd, "sweep='persistent' requested")
+    t_persistent = sum(persistent_step_seconds(B, H, G, itemsize, device, units, launch, backward)
+                       for launch, backward in ((fwd, False), (bwd, True)))
+    t_step = 2 * step_step_seconds(B, H, G, itemsize, device)
+    why = f"estimated {t_persistent * 1e6:.1f} us per step persistent, {t_step * 1e6:.1f} us per-step"
+    if t_persistent <= t_step:
+        return Plan("persistent", units, fwd, bwd, why)
+    return Plan("step", reason=why)

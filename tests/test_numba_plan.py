@@ -1,0 +1,67 @@
+"""The launch planner of the numba backend (numba_plan.py) on described devices: no GPU needed."""
+import dataclasses
+
+import pytest
+
+from gpurnn.kernels import numba_plan as P
+from gpurnn.kernels.numba_persistent import MAX_THREADS, WARP
+
+DEVICES = {"H100": P.H100_SXM, "A100": P.A100_SXM, "simulator": P.SIMULATOR}
+
+
+@pytest.mark.parametrize("device,H", [(P.H100_SXM, 1024), (P.A100_SXM, 512)])
+@pytest.mark.parametrize("B", [1, 4, 8])
+def test_lstm_float32_runs_persistent_at_small_batch(device, H, B):
+    """LSTM H=1024 on a 132-SM H100 (16 MiB of W_hh in 128 blocks of 8 units); an A100's 108 x 163 KiB cannot
+    hold that slice and a batch tile, so it gets H=512."""
+    plan = P.plan("auto", B, H, 4, 4, device)
+    assert plan.sweep == "persistent", plan.reason
+    assert plan.forward.blocks <= device.sms and plan.units * plan.forward.blocks >= H
+
+
+@pytest.mark.parametrize("B", [128, 256])
+def test_large_batch_runs_per_step(B):
+    assert P.plan("auto", B, 1024, 4, 4, P.H100_SXM).sweep == "step"
+
+
+def test_weights_that_do_not_fit_run_per_step_and_cannot_be_forced():
+    plan = P.plan("auto", 4, 4096, 4, 4, P.H100_SXM)   # W_hh: 256 MiB against 132 x 227 KiB of shared memory
+    assert plan.sweep == "step" and "shared memory" in plan.reason
+    with pytest.raises(ValueError, match="sweep='persistent'"):
+        P.plan("persistent", 4, 4096, 4, 4, P.H100_SXM)
+
+
+def test_sweep_forces_either_path():
+    assert P.plan("step", 4, 64, 4, 4, P.H100_SXM).sweep == "step"
+    assert P.plan("persistent", 256, 1024, 4, 4, P.H100_SXM).sweep == "persistent"
+    with pytest.raises(ValueError, match="sweep must be one of"):
+        P.plan("fused", 4, 64, 4, 4, P.H100_SXM)
+
+
+def test_no_cooperative_launch_runs_per_step():
+    device = dataclasses.replace(P.H100_SXM, cooperative=False)
+    assert P.plan("auto", 4, 256, 4, 4, device).sweep == "step"
+    with pytest.raises(ValueError, match="cooperative"):
+        P.plan("persistent", 4, 256, 4, 4, device)
+
+
+@pytest.mark.parametrize("device", list(DEVICES))
+@pytest.mark.parametrize("itemsize", [4, 8])
+@pytest.mark.parametrize("G", [1, 3, 4])
+@pytest.mark.parametrize("B,H", [(1, 1), (3, 5), (9, 33), (16, 256), (64, 1000), (7, 1024)])
+def test_layout_covers_every_unit_within_the_limits(device, itemsize, G, B, H):
+    device = DEVICES[device]
+    layout = P.persistent_layout(B, H, G, itemsize, device)
+    fewest = -(-H // device.sms)
+    if isinstance(layout, str):
+        assert max(P.shared_elements(d, G, H, fewest, 1) for d in (False, True)) * itemsize > device.shared_per_block
+        return
+    units, fwd, bwd = layout
+    assert units in (fewest, -(-fewest // P.UNIT_QUANTUM) * P.UNIT_QUANTUM)
+    for backward, launch in ((False, fwd), (True, bwd)):
+        assert launch.blocks <= device.sms
+        assert (launch.blocks - 1) * units < H <= launch.blocks * units     # every unit, no empty block
+        assert launch.shared == P.shared_elements(backward, G, H, units, launch.tiles) * itemsize
+        assert launch.shared <= device.shared_per_block
+        assert 1 <= launch.tiles <= -(-B // 4)
+        assert launch.threads % WARP == 0 and launch.threads <= min(device.max_threads, MAX_THREADS[itemsize])
