@@ -169,7 +169,7 @@ def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto"):
         if plan.sweep == "persistent":
             hbuf = xp.empty((2, B, H), xw.dtype)                          # h double buffer
             kernel = build_persistent(xw.dtype.type, code).forward
-            args = (act, plan.units, plan.forward.tiles, d[0], device_view(w_hh), d[1], d[2], device_view(h0),
+            args = (act, plan.units, plan.forward.tiles, plan.forward.splits, d[0], device_view(w_hh), d[1], d[2], device_view(h0),
                     device_view(hbuf), *d[3:])
             if launch_persistent(kernel, plan.forward, stream, args):
                 h = hbuf[T % 2]
@@ -206,8 +206,10 @@ def backward(ctx, dy, dstate_n):
         done = False
         if ctx.plan.sweep == "persistent":
             kernel = build_persistent(dy.dtype.type, code).backward
-            args = (ctx.act, ctx.plan.units, ctx.plan.backward.tiles, device_view(ctx.w_hh), d[8], *d[:8], *d[9:])
-            done = launch_persistent(kernel, ctx.plan.backward, stream, args)
+            launch = ctx.plan.backward
+            args = (ctx.act, ctx.plan.units, launch.tiles, launch.splits, device_view(ctx.w_hh), d[8], *d[:8],
+                    *d[9:])
+            done = launch_persistent(kernel, launch, stream, args)
         if not done:
             dhg = xp.zeros((B, H), dy.dtype)                              # dG_{t+1} @ W_hh, reused every step
             dhg_d = device_view(dhg)

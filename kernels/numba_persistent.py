@@ -6,20 +6,23 @@ W_hh^T) in dynamic shared memory. Per step it stages the vector the matvec reads
 dgates_{t+1} (B, G*H)) into shared memory once, computes its units, writes them to global memory, and one
 grid-wide barrier publishes them to every block.
 
-Work split inside a block: the batch is cut into tiles of BT = 4 rows; an *item* is one tile times one *lane
-group* of R rows of the slice, and one warp computes one item at a time. Lane l of the warp takes
-k = l, l+32, l+64, ... and keeps R*BT partial sums in registers: per k it reads R weights (one 16-byte LDS when
-R = 4) and BT values of the staged vector (one LDS.128) and issues R*BT FMAs, so each weight serves BT batch
-rows and each staged value R rows. Then a warp-shuffle reduce-scatter (reduce_tile) leaves lane l holding the R
-full sums of batch row bb = l >> 3, and lanes with (l & 7) < units-per-group do the pointwise math of one
-(b, unit) each. The hot-loop index math is unsigned 32-bit (no wrap-around selects, 32-bit adds).
+Work inside a block: the batch is cut into tiles of BT = 4 rows; an *item* is one tile times one *lane group* of
+R rows of the slice, split over `splits` warps along the dot product (K = H forward, G*H backward). Lane l of
+split s takes k = 32*s + l, stepping 32*splits, and keeps R*BT partial sums in registers: per k it reads R
+weights (one LDS.128 when R = 4) and BT staged values (one LDS.128) and issues R*BT FMAs, so each weight serves
+BT batch rows and each staged value R rows. A warp-shuffle reduction then sums over the warp's lanes: reduce_rows
+leaves every lane the R sums of batch row bb = l // 8 (LSTM and GRU forward, where one lane needs all G gates of
+its unit), reduce_scatter leaves lane l the sum of row r = (l // 2) % 4, batch row bb = l // 8 (Elman forward:
+4 units; backward: 4 columns). With splits > 1 the warps add their partial sums through shared memory. The
+hot-loop index math is unsigned 32-bit (no wrap-around selects, 32-bit adds).
 
-Lane groups: forward, G*UPT rows = UPT units with all their G gates (UPT = 4 for Elman, 1 for LSTM and GRU, so
-R = 4, 4, 3); backward, 4 columns of W_hh (R = 4 for every cell).
-Shared memory, in elements: forward [W: ceil(units/UPT) * H * R, rounded up to 4][h: tiles * H * BT];
-backward [W^T: ceil(units/4) * G*H * 4][dgates: tiles * G*H * BT] (see numba_plan.shared_elements).
-Arguments `units` (hidden units per block) and `tiles` (batch tiles staged per pass; ceil(B/4) when they fit, so
-one pass per step) come from the launch plan (numba_plan.py).
+Lane groups: forward, UPT units with all their G gates (UPT = 4 for Elman, 1 for LSTM and GRU, so R = 4, 4, 3);
+backward, 4 columns of W_hh (R = 4 for every cell).
+Shared memory, in elements (numba_plan.shared_elements): forward [W: ceil(units/UPT)*H*R rounded up to 4]
+[h: tiles*BT*H][partials: threads*R_out]; backward [W^T: ceil(units/4)*4*G*H][dgates: tiles*BT*G*H]
+[partials: threads]; partials only when splits > 1; R_out = R for reduce_rows, 1 for reduce_scatter.
+Arguments `units`, `tiles` (batch tiles staged per pass: all of them when they fit, one pass per step) and
+`splits` come from the launch plan (numba_plan.py); threads = 32 * warps with warps a multiple of splits.
 """
 import functools
 from types import SimpleNamespace
@@ -30,14 +33,14 @@ from numba import cuda, from_dtype, uint32
 from .numba_cuda_kernels import ELMAN, GRU, LSTM, build as build_cells
 
 BT = 4                    # batch rows per tile
-WARP = 32                 # lanes of a warp; one warp computes one item
+WARP = 32                 # lanes of a warp
 FULL_MASK = 0xFFFFFFFF    # every lane takes part in each shuffle
+GATE_COUNT = {ELMAN: 1, LSTM: 4, GRU: 3}
 # Launch bounds: at most MAX_THREADS[itemsize] threads per block, registers capped so that MIN_BLOCKS such blocks
 # fit an SM (65536 registers: 128 per thread at 256 threads). float64 gets 128 threads: its 16 accumulators,
 # 4 weights and 4 staged values take twice the registers, and 128 would spill on sm_80.
 MAX_THREADS = {4: 256, 8: 128}
 MIN_BLOCKS = 2
-GATE_COUNT = {ELMAN: 1, LSTM: 4, GRU: 3}
 
 
 def simulator():
@@ -77,47 +80,57 @@ def rows_per_group(G, backward):
     return 4 if backward else G * units_per_group(G, False)
 
 
+def sums_per_lane(G, backward):
+    """Sums a lane holds after the warp reduction: R (reduce_rows) or 1 (reduce_scatter)."""
+    return 1 if backward or G == 1 else G
+
+
 @functools.lru_cache(maxsize=None)
 def tile_ops(dtype, R):
-    """dot_tile and reduce_tile for lane groups of R rows, dtype `dtype`."""
+    """Device functions for lane groups of R rows in dtype `dtype`."""
     F = np.dtype(dtype).type
     NF = from_dtype(np.dtype(dtype))
     RB, R2 = R * BT, 2 * R       # local array sizes must be compile-time constants
     R_ = U32(R)
 
     @cuda.jit(**jit_options())
-    def dot_tile(sm, wq, xq, K, lane, acc):
-        """acc[r*BT + bb] = sum over k = lane, lane+32, ... < K of sm[R*(wq + k) + r] * sm[BT*(xq + k) + bb].
+    def dot_tile(sm, wq, xq, K, k, step, acc):
+        """acc[r*BT + bb] = sum over k, k + step, ... < K of sm[R*(wq + k) + r] * sm[BT*(xq + k) + bb]; the loop
+        carries the two indices itself (two 32-bit adds per step).
 
-        sm: the block's shared memory; wq, xq: offsets (in units of R and BT elements) of this lane group's
-        weights and of this tile's staged vector; acc: (R*BT,) registers."""
+        sm: the block's shared memory; wq, xq: offsets (in R and BT elements) of this lane group's weights and
+        of this tile's staged vector; acc: (R*BT,) registers."""
         for e in range(RB):
             acc[e] = F(0)
-        k = U32(lane)
-        while k < K:
-            w = U32(R_ * (wq + k))
-            x = U32(BT_ * (xq + k))
+        w, dw, end = U32(R_ * (wq + k)), U32(R_ * step), U32(R_ * (wq + K))   # w < end: k < K
+        x, dx = U32(BT_ * (xq + k)), U32(BT_ * step)
+        while w < end:
             for r in range(R):
                 wv = sm[w + r]
                 for bb in range(BT):
                     acc[r * BT + bb] += wv * sm[x + bb]
-            k = U32(k + WARP_)
+            w, x = U32(w + dw), U32(x + dx)
 
     @cuda.jit(**jit_options())
-    def reduce_rows(acc, lane, sums):
-        """sums[r] = the warp-wide sum of acc[r*BT + bb] for bb = lane >> 3, every r: 6R shuffles.
-
-        Reduce-scatter over the batch, then a butterfly: lanes 16 apart swap halves of the tile (bit 4 of the
-        lane keeps bb >> 1), lanes 8 apart the other half (bit 3 keeps bb & 1), lanes 4, 2, 1 apart add whole."""
+    def halve_batch(acc, lane, half):
+        """half[2r + i] = acc[r*BT + bb] summed over lanes l, l ^ 16, with bb = 2*((l >> 4) & 1) + i."""
         hi = (lane >> 4) & 1
-        lo = (lane >> 3) & 1
-        half = cuda.local.array(R2, NF)
         # values first, then selects: a select between two array elements would index the array at run time
         for r in range(R):
             for i in range(2):
                 low, high = acc[r * BT + i], acc[r * BT + 2 + i]
                 keep, send = (high, low) if hi else (low, high)
                 half[2 * r + i] = keep + cuda.shfl_xor_sync(FULL_MASK, send, 16)
+
+    @cuda.jit(**jit_options())
+    def reduce_rows(acc, lane, sums):
+        """sums[r] = the warp-wide sum of acc[r*BT + bb] for bb = lane // 8, every r: 6R shuffles.
+
+        Lanes 16 apart swap halves of the tile (bit 4 of the lane keeps bb // 2), lanes 8 apart the other half
+        (bit 3 keeps bb % 2), then lanes 4, 2, 1 apart add whole."""
+        half = cuda.local.array(R2, NF)
+        halve_batch(acc, lane, half)
+        lo = (lane >> 3) & 1
         for r in range(R):
             low, high = half[2 * r], half[2 * r + 1]
             keep, send = (high, low) if lo else (low, high)
@@ -128,36 +141,49 @@ def tile_ops(dtype, R):
             sums[r] = s
 
     @cuda.jit(**jit_options())
-    def reduce_scatter(acc, lane):
-        """The warp-wide sum of acc[r*BT + bb] for bb = lane >> 3, r = (lane >> 1) & 3 (R = 4): 16 shuffles.
-
-        Each step halves what a lane holds: lanes 16 and 8 apart split the batch as in reduce_rows, lanes 4
-        and 2 apart split the rows (bits 2 and 1 of the lane), lanes 1 apart add the one value left."""
-        hi = (lane >> 4) & 1
-        lo = (lane >> 3) & 1
-        r1 = (lane >> 2) & 1
-        r0 = (lane >> 1) & 1
+    def reduce_scatter(acc, lane, sums):
+        """sums[0] = the warp-wide sum of acc[r*BT + bb] for bb = lane // 8, r = (lane // 2) % 4 (R = 4): 16
+        shuffles. As reduce_rows for the batch, then lanes 4 and 2 apart split the rows (bits 2 and 1 of the
+        lane), lanes 1 apart add the value left."""
         half = cuda.local.array(R2, NF)
-        for r in range(R):
-            for i in range(2):
-                low, high = acc[r * BT + i], acc[r * BT + 2 + i]
-                keep, send = (high, low) if hi else (low, high)
-                half[2 * r + i] = keep + cuda.shfl_xor_sync(FULL_MASK, send, 16)
+        halve_batch(acc, lane, half)
+        lo = (lane >> 3) & 1
         quarter = cuda.local.array(R, NF)                   # quarter[r]: this lane's bb
         for r in range(R):
             low, high = half[2 * r], half[2 * r + 1]
             keep, send = (high, low) if lo else (low, high)
             quarter[r] = keep + cuda.shfl_xor_sync(FULL_MASK, send, 8)
+        r1 = (lane >> 2) & 1
         pair = cuda.local.array(2, NF)                      # pair[i]: row 2*r1 + i
         for i in range(2):
             low, high = quarter[i], quarter[2 + i]
             keep, send = (high, low) if r1 else (low, high)
             pair[i] = keep + cuda.shfl_xor_sync(FULL_MASK, send, 4)
+        r0 = (lane >> 1) & 1
         keep, send = (pair[1], pair[0]) if r0 else (pair[0], pair[1])
         v = keep + cuda.shfl_xor_sync(FULL_MASK, send, 2)
-        return v + cuda.shfl_xor_sync(FULL_MASK, v, 1)
+        sums[0] = v + cuda.shfl_xor_sync(FULL_MASK, v, 1)
 
     return SimpleNamespace(dot_tile=dot_tile, reduce_rows=reduce_rows, reduce_scatter=reduce_scatter, local_type=NF)
+
+
+@functools.lru_cache(maxsize=None)
+def split_ops(dtype, n):
+    """Adding the partial sums of the warps of a split item, n sums per lane, through shared memory."""
+    @cuda.jit(**jit_options())
+    def put_partials(sm, red, warp, lane, sums):
+        """sm[red + (warp*n + r)*32 + lane] = sums[r]."""
+        for r in range(n):
+            sm[U32(red + (warp * U32(n) + r) * WARP_ + lane)] = sums[r]
+
+    @cuda.jit(**jit_options())
+    def add_partials(sm, red, warp, splits, lane, sums):
+        """sums[r] += the partials of warps warp+1 .. warp+splits-1, in that order."""
+        for s in range(1, splits):
+            for r in range(n):
+                sums[r] += sm[U32(red + ((warp + s) * U32(n) + r) * WARP_ + lane)]
+
+    return SimpleNamespace(put_partials=put_partials, add_partials=add_partials)
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,17 +195,19 @@ def build(dtype, cell):
     G = GATE_COUNT[cell]
     UPT = units_per_group(G, False)
     R = rows_per_group(G, False)
+    NS = sums_per_lane(G, False)                               # forward sums per lane: G or 1
     G_, UPT_, R_ = U32(G), U32(UPT), U32(R)
-    RB = R * BT                  # accumulators per lane, forward (backward: 4 * BT)
-    RB4 = 4 * BT
+    RB, RB4 = R * BT, 4 * BT
     fwd, bwd = tile_ops(dtype, R), tile_ops(dtype, 4)
-    dot_fwd, gates_sum, units_sum = fwd.dot_tile, fwd.reduce_rows, fwd.reduce_scatter
-    dot_bwd, columns_sum = bwd.dot_tile, bwd.reduce_scatter
+    dot_fwd, dot_bwd, columns_sum = fwd.dot_tile, bwd.dot_tile, bwd.reduce_scatter
+    forward_sum = fwd.reduce_rows if UPT == 1 else fwd.reduce_scatter
+    put_fwd, add_fwd = split_ops(dtype, NS).put_partials, split_ops(dtype, NS).add_partials
+    put_bwd, add_bwd = split_ops(dtype, 1).put_partials, split_ops(dtype, 1).add_partials
     NF = fwd.local_type
 
     @cuda.jit(**jit_options(np.dtype(dtype).itemsize))
-    def forward(act, units, tiles, xw, w_hh, b_hh, lengths, h0, hbuf, c, y, gates, cs, hns):
-        """All T forward steps. act: Elman activation code; units, tiles: see the module docstring.
+    def forward(act, units, tiles, splits, xw, w_hh, b_hh, lengths, h0, hbuf, c, y, gates, cs, hns):
+        """All T forward steps. act: Elman activation code; units, tiles, splits: see the module docstring.
 
         xw: (T, B, G*H)  w_hh: (G*H, H)  b_hh: (G*H,)  lengths: (B,) int32  h0: (B, H)
         hbuf: (2, B, H) step t reads h_t (h0 at t = 0, else hbuf[t % 2]) and writes h_{t+1} to hbuf[(t+1) % 2]
@@ -188,16 +216,18 @@ def build(dtype, cell):
         T = xw.shape[0]
         B = U32(hbuf.shape[1])
         H = U32(hbuf.shape[2])
-        units_ = U32(units)
+        units_, S = U32(units), U32(splits)
         tid = U32(cuda.threadIdx.x)
         lane = U32(tid % WARP_)
         warp = U32(tid // WARP_)
+        nwarps = U32(cuda.blockDim.x // WARP_)
         nthreads = U32(cuda.blockDim.x)
         j0 = U32(U32(cuda.blockIdx.x) * units_)
         nj = U32(min(units_, U32(H - j0)))                      # units of this block
         groups = U32((nj + UPT_ - 1) // UPT_)
         padded = U32((units_ + UPT_ - 1) // UPT_ * UPT_)        # units of the W slice: rows past nj are 0
         xq0 = U32((padded // UPT_ * H * R_ + BT_ - 1) // BT_)   # the staged h starts at element BT*xq0
+        red = U32(BT_ * (xq0 + U32(tiles) * H))                 # the partial sums of split items start here
         sm = cuda.shared.array(0, dtype=xw.dtype)
         # W slice: sm[R*(ug*H + k) + g*UPT + uu] = w_hh[g*H + j0 + ug*UPT + uu, k]; read along k (coalesced)
         e = tid
@@ -211,7 +241,7 @@ def build(dtype, cell):
             e = U32(e + nthreads)
         ntiles = U32((B + BT_ - 1) // BT_)
         acc = cuda.local.array(RB, NF)
-        sums = cuda.local.array(R, NF)
+        sums = cuda.local.array(NS, NF)
         grid = cuda.cg.this_grid()
         for t in range(T):
             cur = t % 2
@@ -231,37 +261,43 @@ def build(dtype, cell):
                     sm[U32(BT_ * (xq0 + row // BT_ * H + k) + row % BT_)] = v
                     e = U32(e + nthreads)
                 cuda.syncthreads()
-                for item in range(warp, nt * groups, nthreads // WARP_):
-                    ts = U32(item // groups)
-                    ug = U32(item - ts * groups)
+                for base in range(0, nt * groups * S, nwarps):  # rounds: every warp runs each one
+                    item = U32(base + warp)
+                    active = item < nt * groups * S
+                    split = U32(item % S)
+                    ts = U32(item // S // groups)
+                    ug = U32(item // S - ts * groups)
                     xq = U32(xq0 + ts * H)
-                    dot_fwd(sm, U32(ug * H), xq, H, lane, acc)
-                    if UPT == 1:                                # lane 8*bb: the G gates of unit ug, row bb
-                        gates_sum(acc, lane, sums)
-                        r0 = sums[0]
-                        r1 = sums[1] if G > 1 else F(0)
-                        r2 = sums[2] if G > 2 else F(0)
-                        r3 = sums[3] if G > 3 else F(0)
-                        uu = U32(0)
-                        writer = lane % 8 == 0
-                    else:                                       # lane 8*bb + 2*uu: unit ug*4 + uu, row bb
-                        r0 = units_sum(acc, lane)
-                        r1 = r2 = r3 = F(0)
-                        uu = U32(lane // 2 % 4)
-                        writer = lane % 2 == 0
+                    if active:
+                        dot_fwd(sm, U32(ug * H), xq, H, U32(split * WARP_ + lane), U32(S * WARP_), acc)
+                        forward_sum(acc, lane, sums)
+                    if S > 1:
+                        if active:
+                            put_fwd(sm, red, warp, lane, sums)
+                        cuda.syncthreads()
+                        if active and split == 0:
+                            add_fwd(sm, red, warp, S, lane, sums)
+                    # LSTM, GRU: lane 8*bb holds the G gates of unit ug; Elman: lane 8*bb + 2*uu unit 4*ug + uu
+                    uu = U32(0 if UPT == 1 else lane // 2 % 4)
+                    writer = lane % (8 if UPT == 1 else 2) == 0
                     bb = U32(lane // 8)
                     b = U32((tile0 + ts) * BT_ + bb)
                     jj = U32(ug * UPT_ + uu)
-                    if writer and jj < nj and b < B:
+                    if active and split == 0 and writer and jj < nj and b < B:
                         j = U32(j0 + jj)
+                        r1 = sums[1] if G > 1 else F(0)
+                        r2 = sums[2] if G > 2 else F(0)
+                        r3 = sums[3] if G > 3 else F(0)
                         h_prev = sm[U32(BT_ * (xq + j) + bb)]
                         hbuf[1 - cur, b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], xw, b_hh,
-                                                           r0, r1, r2, r3, h_prev, c, y, gates, cs, hns)
+                                                           sums[0], r1, r2, r3, h_prev, c, y, gates, cs, hns)
+                    if S > 1:
+                        cuda.syncthreads()                      # the partials are rewritten next round
             if t + 1 < T:
                 grid.sync()
 
     @cuda.jit(**jit_options(np.dtype(dtype).itemsize))
-    def backward(act, units, tiles, w_hh, lengths, dh, dy, y, h0, gates, cs, c0, hns, dc, dgx, dgh):
+    def backward(act, units, tiles, splits, w_hh, lengths, dh, dy, y, h0, gates, cs, c0, hns, dc, dgx, dgh):
         """All T backward steps, then dL/dh0. dh: (B, H) dL/dh_n on entry, dL/dh0 on exit.
 
         dL/dh_t[b, k] = carried[b, k] + sum_gj dgh[t+1, b, gj] W_hh[gj, k]: block k keeps columns k0 .. of W_hh
@@ -273,16 +309,18 @@ def build(dtype, cell):
         B = U32(dh.shape[0])
         H = U32(dh.shape[1])
         GH = U32(w_hh.shape[0])
-        units_ = U32(units)
+        units_, S = U32(units), U32(splits)
         tid = U32(cuda.threadIdx.x)
         lane = U32(tid % WARP_)
         warp = U32(tid // WARP_)
+        nwarps = U32(cuda.blockDim.x // WARP_)
         nthreads = U32(cuda.blockDim.x)
         k0 = U32(U32(cuda.blockIdx.x) * units_)
         nk = U32(min(units_, U32(H - k0)))                      # columns of this block
         groups = U32((nk + FOUR - 1) // FOUR)
         padded = U32((units_ + FOUR - 1) // FOUR * FOUR)        # columns of the W^T slice: past nk they are 0
         xq0 = U32(padded // FOUR * GH)                          # the staged dgates start at element BT*xq0
+        red = U32(BT_ * (xq0 + U32(tiles) * GH))                # the partial sums of split items start here
         sm = cuda.shared.array(0, dtype=dy.dtype)
         # W^T slice: sm[4*(cg*GH + gj) + r] = w_hh[gj, k0 + 4*cg + r]; read along the rows of W_hh
         e = tid
@@ -294,6 +332,7 @@ def build(dtype, cell):
             e = U32(e + nthreads)
         ntiles = U32((B + BT_ - 1) // BT_)
         acc = cuda.local.array(RB4, NF)
+        sums = cuda.local.array(1, NF)
         grid = cuda.cg.this_grid()
         for step in range(T + 1):
             t = T - 1 - step
@@ -312,22 +351,35 @@ def build(dtype, cell):
                         sm[U32(BT_ * (xq0 + row // BT_ * GH + gj) + row % BT_)] = v
                         e = U32(e + nthreads)
                     cuda.syncthreads()
-                for item in range(warp, nt * groups, nthreads // WARP_):
-                    ts = U32(item // groups)
-                    cg = U32(item - ts * groups)
-                    dsum = F(0)                                 # lane 8*bb + 2*r: column cg*4 + r, row bb
-                    if t + 1 < T:
-                        dot_bwd(sm, U32(cg * GH), U32(xq0 + ts * GH), GH, lane, acc)
-                        dsum = columns_sum(acc, lane)
+                for base in range(0, nt * groups * S, nwarps):
+                    item = U32(base + warp)
+                    active = item < nt * groups * S
+                    split = U32(item % S)
+                    ts = U32(item // S // groups)
+                    cg = U32(item // S - ts * groups)
+                    sums[0] = F(0)
+                    if active and t + 1 < T:
+                        dot_bwd(sm, U32(cg * GH), U32(xq0 + ts * GH), GH, U32(split * WARP_ + lane),
+                                U32(S * WARP_), acc)
+                        columns_sum(acc, lane, sums)
+                    if S > 1:
+                        if active:
+                            put_bwd(sm, red, warp, lane, sums)
+                        cuda.syncthreads()
+                        if active and split == 0:
+                            add_bwd(sm, red, warp, S, lane, sums)
+                    # lane 8*bb + 2*r: column 4*cg + r, batch row bb
                     b = U32((tile0 + ts) * BT_ + lane // 8)
                     col = U32(cg * FOUR + lane // 2 % 4)
-                    if lane % 2 == 0 and col < nk and b < B:
+                    if active and split == 0 and lane % 2 == 0 and col < nk and b < B:
                         j = U32(k0 + col)
-                        dh_in = dh[b, j] + dsum
+                        dh_in = dh[b, j] + sums[0]
                         if t >= 0:
                             dh_in = unit_backward(cell, act, t, b, j, t < lengths[b], dh_in, dy, y, h0, gates, cs,
                                                   c0, hns, dc, dgx, dgh)
                         dh[b, j] = dh_in
+                    if S > 1:
+                        cuda.syncthreads()
             if t >= 0:
                 grid.sync()
 

@@ -16,23 +16,26 @@ takes the SM's shared memory, and the grid barrier needs every block resident at
 
 Cost model, per step and direction (estimates from the device's datasheet class, NOT measurements; a GPU
 session replaces them with measured values, see docs/PERFORMANCE.md):
-- persistent: GRID_BARRIER_S + per pass (staging the tiles through L2 + a warp's items, each ceil(K/32) hot-loop
-  iterations of R*4 FMAs at HOT_LOOP_INSTR_PER_FMA issue slots plus ITEM_OVERHEAD_CLOCKS for the shuffle
-  reduction and the pointwise math; warps beyond the SM's 4 schedulers share them);
+- persistent: GRID_BARRIER_S + per pass (staging the tiles through L2 + a warp's items, each ceil(K/(32*splits))
+  hot-loop iterations of R*4 FMAs at HOT_LOOP_INSTR_PER_FMA issue slots plus ITEM_OVERHEAD_CLOCKS for the
+  shuffle reduction and the pointwise math; warps beyond the SM's 4 schedulers share them);
 - per-step: max(host time of its launches, device time of the GEMM (W_hh streamed from memory, or its FLOPs)
   + POINTWISE_KERNEL_S).
 """
 from dataclasses import dataclass
 
-from .numba_persistent import BT, MAX_THREADS, WARP, rows_per_group, units_per_group
+from .numba_persistent import BT, MAX_THREADS, WARP, rows_per_group, sums_per_lane, units_per_group
 
 SWEEPS = ("auto", "persistent", "step")
 UNIT_QUANTUM = 4              # units per block: a multiple of 4, since a backward lane group covers 4 columns
                               # and an Elman forward lane group 4 units (fewer would leave their lanes idle)
 SCHEDULERS_PER_SM = 4         # warp schedulers of an SM (Volta .. Hopper): at most 4 warps issue per clock
+MIN_K_PER_LANE = 4            # split a dot product over warps only while each lane keeps >= 4 of its K products
+                              # (0: no such limit)
 GRID_BARRIER_S = 1.5e-6       # one grid-wide barrier: each block's arrival and release through L2
-HOT_LOOP_INSTR_PER_FMA = 1.6  # SASS instructions per FMA of the persistent hot loop (python -m gpurnn.kernels.sass)
+HOT_LOOP_INSTR_PER_FMA = 1.5  # SASS instructions per FMA of the persistent hot loop (python -m gpurnn.kernels.sass)
 ITEM_OVERHEAD_CLOCKS = 600    # per item: <= 24 dependent shuffles (~30 clocks each) plus the pointwise math
+SPLIT_OVERHEAD_CLOCKS = 200   # per split item: two block barriers and the partial sums through shared memory
 L2_BYTES_PER_SM_CLOCK = 32    # what one SM reads from L2 per clock when it stages the step's vector
 HOST_LAUNCHES_PER_STEP = 2    # the per-step sweep: one GEMM (cuBLAS through CuPy) + one Numba kernel per step
 HOST_LAUNCH_S = 5e-6          # host time of one launch: the low end of Numba's 5-20 us, about CuPy's GEMM call
@@ -82,11 +85,13 @@ def describe(gpu):
 
 @dataclass(frozen=True)
 class Launch:
-    """One persistent kernel launch: grid, block, dynamic shared memory, batch tiles staged per pass."""
+    """One persistent kernel launch: grid, block, dynamic shared memory, batch tiles staged per pass, warps
+    per dot product."""
     blocks: int
     threads: int
     shared: int               # bytes
     tiles: int
+    splits: int = 1
 
 
 @dataclass(frozen=True)
@@ -102,13 +107,13 @@ def ceil_div(a, b):
     return -(-a // b)
 
 
-def shared_elements(backward, G, H, units, tiles):
+def shared_elements(backward, G, H, units, tiles, threads=0, splits=1):
     """Elements of dynamic shared memory a persistent kernel uses (the layout of numba_persistent.py)."""
+    partials = threads * sums_per_lane(G, backward) if splits > 1 else 0
     if backward:
-        return ceil_div(units, 4) * 4 * G * H + tiles * BT * G * H
-    R = rows_per_group(G, False)
-    w = ceil_div(units, units_per_group(G, False)) * H * R
-    return ceil_div(w, BT) * BT + tiles * BT * H
+        return ceil_div(units, 4) * 4 * G * H + tiles * BT * G * H + partials
+    w = ceil_div(units, units_per_group(G, False)) * H * rows_per_group(G, False)
+    return ceil_div(w, BT) * BT + tiles * BT * H + partials
 
 
 def persistent_layout(B, H, G, itemsize, device):
@@ -130,15 +135,25 @@ def persistent_layout(B, H, G, itemsize, device):
 
 
 def layout_launch(B, H, G, itemsize, device, units, backward):
-    """The Launch of one direction with `units` per block and as many batch tiles as fit, or None."""
+    """The Launch of one direction with `units` per block and as many batch tiles as fit, or None.
+
+    Warps: one per item (tile x lane group) up to the block's limit; when there are fewer items than that,
+    each dot product is split over `splits` warps, as long as each lane keeps MIN_K_PER_LANE products."""
     fits = [t for t in range(ceil_div(B, BT), 0, -1)
             if shared_elements(backward, G, H, units, t) * itemsize <= device.shared_per_block]
     if not fits:
         return None
     tiles = fits[0]
-    groups = ceil_div(units, 4 if backward else units_per_group(G, False))
-    warps = max(1, min(tiles * groups, min(device.max_threads, MAX_THREADS[itemsize]) // WARP))
-    return Launch(ceil_div(H, units), warps * WARP, shared_elements(backward, G, H, units, tiles) * itemsize, tiles)
+    items = tiles * ceil_div(units, 4 if backward else units_per_group(G, False))
+    max_warps = min(device.max_threads, MAX_THREADS[itemsize]) // WARP
+    K = G * H if backward else H
+    splits = max(1, min(max_warps // items, ceil_div(K, WARP * MIN_K_PER_LANE) if MIN_K_PER_LANE else max_warps))
+    warps = items * splits if splits > 1 else min(items, max_warps)
+    shared = shared_elements(backward, G, H, units, tiles, warps * WARP, splits)
+    if shared * itemsize > device.shared_per_block:
+        splits, warps = 1, min(items, max_warps)
+        shared = shared_elements(backward, G, H, units, tiles)
+    return Launch(ceil_div(H, units), warps * WARP, shared * itemsize, tiles, splits)
 
 
 def persistent_step_seconds(B, H, G, itemsize, device, units, launch, backward):
@@ -148,11 +163,12 @@ def persistent_step_seconds(B, H, G, itemsize, device, units, launch, backward):
     groups = ceil_div(units, 4 if backward else units_per_group(G, False))
     passes = ceil_div(ceil_div(B, BT), launch.tiles)
     warps = launch.threads // WARP
-    items_per_warp = ceil_div(launch.tiles * groups, warps)
+    items_per_warp = ceil_div(launch.tiles * groups * launch.splits, warps)
     # a warp's FMA instruction takes 1 issue slot, or longer where the SM has fewer FMA lanes per scheduler
     clocks_per_fma = max(HOT_LOOP_INSTR_PER_FMA, WARP * SCHEDULERS_PER_SM / device.fma_per_sm_clock[itemsize])
-    fma_clocks = ceil_div(K, WARP) * R * BT * clocks_per_fma
-    warp_clocks = items_per_warp * (fma_clocks + ITEM_OVERHEAD_CLOCKS) * max(1, warps / SCHEDULERS_PER_SM)
+    fma_clocks = ceil_div(K, WARP * launch.splits) * R * BT * clocks_per_fma
+    item_clocks = fma_clocks + ITEM_OVERHEAD_CLOCKS + (SPLIT_OVERHEAD_CLOCKS if launch.splits > 1 else 0)
+    warp_clocks = items_per_warp * item_clocks * max(1, warps / SCHEDULERS_PER_SM)
     stage_clocks = launch.tiles * BT * K * itemsize / L2_BYTES_PER_SM_CLOCK
     return GRID_BARRIER_S + passes * (warp_clocks + stage_clocks) / device.clock_hz
 

@@ -19,6 +19,14 @@ def test_lstm_float32_runs_persistent_at_small_batch(device, H, B):
     assert plan.forward.blocks <= device.sms and plan.units * plan.forward.blocks >= H
 
 
+def test_few_items_split_their_dot_products():
+    """LSTM H=512 on an H100: 4 units per block, so a batch tile is 4 forward items and 1 backward item; the
+    8 warps of a block split each dot product in 2 (forward) and 8 (backward)."""
+    plan = P.plan("auto", 4, 512, 4, 4, P.H100_SXM)
+    assert (plan.units, plan.forward.splits, plan.backward.splits) == (4, 2, 8)
+    assert plan.forward.threads == plan.backward.threads == 256
+
+
 @pytest.mark.parametrize("B", [128, 256])
 def test_large_batch_runs_per_step(B):
     assert P.plan("auto", B, 1024, 4, 4, P.H100_SXM).sweep == "step"
@@ -61,7 +69,9 @@ def test_layout_covers_every_unit_within_the_limits(device, itemsize, G, B, H):
     for backward, launch in ((False, fwd), (True, bwd)):
         assert launch.blocks <= device.sms
         assert (launch.blocks - 1) * units < H <= launch.blocks * units     # every unit, no empty block
-        assert launch.shared == P.shared_elements(backward, G, H, units, launch.tiles) * itemsize
+        assert launch.shared == P.shared_elements(backward, G, H, units, launch.tiles, launch.threads,
+                                                  launch.splits) * itemsize
         assert launch.shared <= device.shared_per_block
         assert 1 <= launch.tiles <= -(-B // 4)
-        assert launch.threads % WARP == 0 and launch.threads <= min(device.max_threads, MAX_THREADS[itemsize])
+        assert launch.threads % (WARP * launch.splits) == 0          # every split item in one round
+        assert launch.threads <= min(device.max_threads, MAX_THREADS[itemsize])

@@ -19,37 +19,44 @@ from util import CELLS
 
 pytestmark = pytest.mark.skipif(not N.simulator(), reason="the many-block harness runs in the simulator")
 
-# name: (SMs of the simulated device, T, B, H, lengths, one batch tile per pass). H is never a multiple of the
-# 4 units per block, so the last block is short; B = 9 and 7 end on a partial batch tile.
-CASES = {"2 blocks B1": (2, 3, 1, 5, [3], False),
-         "3 blocks B9": (3, 3, 9, 10, [3, 1, 2, 3, 3, 2, 1, 3, 2], False),
-         "4 blocks B7, a pass per tile": (4, 2, 7, 13, [2, 1, 2, 2, 1, 2, 1], True),
-         "5 blocks B4": (5, 2, 4, 17, [2, 1, 2, 2], False)}
+# name: (SMs of the simulated device, T, B, H, lengths, layout). H is never a multiple of the units per block, so
+# the last block is short; B = 9 and 7 end on a partial batch tile. Layouts: "one tile" plans one batch tile per
+# pass (as if shared memory held no more); "split" plans 2 units per block and blocks of 4 warps, so that every
+# dot product is split over several warps.
+CASES = {"2 blocks B1": (2, 3, 1, 5, [3], None),
+         "3 blocks B9": (3, 3, 9, 10, [3, 1, 2, 3, 3, 2, 1, 3, 2], None),
+         "4 blocks B7, a pass per tile": (4, 2, 7, 13, [2, 1, 2, 2, 1, 2, 1], "one tile"),
+         "5 blocks B4": (5, 2, 4, 17, [2, 1, 2, 2], None),
+         "3 blocks B2, split dot products": (3, 2, 2, 5, [2, 1], "split")}
 
 
-def simulated_device(monkeypatch, sms, one_tile):
-    """Make the planner see a simulated device of `sms` SMs; with `one_tile`, plan one batch tile per pass (as
-    if shared memory held no more)."""
-    device = dataclasses.replace(numba_plan.SIMULATOR, sms=sms)
+def simulated_device(monkeypatch, sms, layout=None):
+    """Make the planner see a simulated device of `sms` SMs, with the planner's knobs set for `layout`."""
+    device = dataclasses.replace(numba_plan.SIMULATOR, sms=sms, max_threads=128 if layout == "split" else 64)
     monkeypatch.setattr(N, "current_device", lambda: device)
-    if one_tile:
+    if layout == "one tile":
         layout_launch = numba_plan.layout_launch
         monkeypatch.setattr(numba_plan, "layout_launch", lambda B, *args: layout_launch(min(B, 4), *args))
+    if layout == "split":
+        monkeypatch.setattr(numba_plan, "UNIT_QUANTUM", 1)
+        monkeypatch.setattr(numba_plan, "MIN_K_PER_LANE", 0)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cell", CELLS)
 def test_many_blocks_match_reference(monkeypatch, cell, dtype, case):
-    sms, T, B, H, lengths, one_tile = CASES[case]
-    simulated_device(monkeypatch, sms, one_tile)
+    sms, T, B, H, lengths, layout = CASES[case]
+    simulated_device(monkeypatch, sms, layout)
     d, lens = sweep_problem(cell, T, B, H, lengths, dtype, np.random.default_rng(sms))
     ctx, got = run_numba_sweep(cell, d, lens, dtype, "persistent")
     plan = ctx.plan
     assert plan.sweep == "persistent" and plan.forward.blocks == plan.backward.blocks == sms
     assert H % plan.units != 0                                        # an uneven slice
-    if one_tile:
+    if layout == "one tile":
         assert plan.forward.tiles == plan.backward.tiles == 1 < -(-B // 4)
+    if layout == "split":
+        assert plan.forward.splits > 1 and plan.backward.splits > 1
     names = ["y"] + (["h_n", "c_n"] if cell == "lstm" else ["h_n"]) + ["dgx", "dgh"] + \
             (["dh0", "dc0"] if cell == "lstm" else ["dh0"])
     for name, a, b in zip(names, got, run_reference_sweep(cell, d, lens)):
@@ -59,7 +66,7 @@ def test_many_blocks_match_reference(monkeypatch, cell, dtype, case):
 @pytest.mark.parametrize("grid_sync,memory", [("none", "memory"), ("block", "global memory")])
 def test_harness_catches_a_missing_grid_barrier(monkeypatch, grid_sync, memory):
     """The same LSTM kernels with grid.sync() removed, or run as a block barrier: the race check must fire."""
-    simulated_device(monkeypatch, 3, False)
+    simulated_device(monkeypatch, 3)
     monkeypatch.setattr(numba_sim, "launch", functools.partial(numba_sim.launch, grid_sync=grid_sync))
     d, lens = sweep_problem("lstm", 3, 4, 10, [3, 2, 3, 1], np.float64, np.random.default_rng(0))
     with pytest.raises(numba_sim.RaceError, match=memory):
