@@ -145,81 +145,108 @@ class SweepCtx:
         return self.plan.sweep
 
 
+REFUSED = numba_plan.Plan("step", reason="the device refused the persistent launch")
+
+
 def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto"):
     xp = array_module()
-    K = build(xw.dtype.type)
     T, B, GH = xw.shape
     H = w_hh.shape[1]
-    with on_device_of(xw):
-        plan = numba_plan.plan(sweep, B, H, GH // H, xw.dtype.itemsize, current_device())
-    xw, w_hh, b_hh = (xp.ascontiguousarray(a) for a in (xw, w_hh, b_hh))
     code, act = CELL_CODES[cell], ACT_CODES.get(cell[4:], 0)
     lstm, gru = cell == "lstm", cell == "gru"
-    h0 = xp.ascontiguousarray(state0[0])
-    y = xp.empty((T, B, H), xw.dtype)
-    gates = xp.empty((T, B, GH), xw.dtype) if (lstm or gru) else y
-    c0 = xp.ascontiguousarray(state0[1]) if lstm else xp.zeros((1, 1), xw.dtype)
-    c = c0.copy()                                                         # (B, H) updated in place
-    cs = xp.empty((T, B, H), xw.dtype) if lstm else xp.zeros((1, 1, 1), xw.dtype)
-    hns = xp.empty((T, B, H), xw.dtype) if gru else xp.zeros((1, 1, 1), xw.dtype)
-    stream = launch_stream()
-    d = [device_view(a) for a in (xw, b_hh, lengths, c, y, gates, cs, hns)]
     with on_device_of(xw):
-        h = None
-        if plan.sweep == "persistent":
-            hbuf = xp.empty((2, B, H), xw.dtype)                          # h double buffer
-            kernel = build_persistent(xw.dtype.type, code).forward
-            args = (act, plan.units, plan.forward.tiles, plan.forward.splits, d[0], device_view(w_hh), d[1], d[2], device_view(h0),
-                    device_view(hbuf), *d[3:])
-            if launch_persistent(kernel, plan.forward, stream, args):
-                h = hbuf[T % 2]
-            else:
-                plan = numba_plan.Plan("step", reason="the persistent launch was refused")
+        plan = numba_plan.plan(sweep, B, H, GH // H, xw.dtype.itemsize, current_device())
+        xw, w_hh, b_hh = (xp.ascontiguousarray(a) for a in (xw, w_hh, b_hh))
+        h0 = xp.ascontiguousarray(state0[0])
+        y = xp.empty((T, B, H), xw.dtype)
+        gates = xp.empty((T, B, GH), xw.dtype) if (lstm or gru) else y
+        c0 = xp.ascontiguousarray(state0[1]) if lstm else xp.zeros((1, 1), xw.dtype)
+        c = c0.copy()                                                     # (B, H) updated in place
+        cs = xp.empty((T, B, H), xw.dtype) if lstm else xp.zeros((1, 1, 1), xw.dtype)
+        hns = xp.empty((T, B, H), xw.dtype) if gru else xp.zeros((1, 1, 1), xw.dtype)
+        stream = launch_stream()
+        d = [device_view(a) for a in (xw, b_hh, lengths, c, y, gates, cs, hns)]
+        h = persistent_forward(code, act, plan, w_hh, h0, stream, d) if plan.sweep == "persistent" else None
         if h is None:
-            h = h0.copy()                                                 # (B, H) updated in place
-            gh = xp.empty((B, GH), xw.dtype)                              # h @ W_hh.T, reused every step
-            h_d, gh_d = device_view(h), device_view(gh)
-            step = K.step_forward[blocks(B * H), threads(), stream]
-            for t in range(T):
-                xp.matmul(h, w_hh.T, out=gh)
-                step(code, act, t, d[0], gh_d, d[1], d[2], h_d, *d[3:])
+            plan = REFUSED if plan.sweep == "persistent" else plan
+            h = step_forward(code, act, w_hh, h0, stream, d)
     state_n = (h, c) if lstm else (h,)
     if not training:
         return y, state_n, None
     return y, state_n, SweepCtx(cell, act, plan, lengths, w_hh, h0, y, gates, c0, cs, hns)
 
 
+def persistent_forward(code, act, plan, w_hh, h0, stream, d):
+    """The forward sweep in one launch; returns h_n, or None when the device refused the launch.
+    d: device views of (xw, b_hh, lengths, c, y, gates, cs, hns)."""
+    xp = array_module()
+    B, H = h0.shape
+    T = d[0].shape[0]
+    hbuf = xp.empty((2, B, H), h0.dtype)                                  # h double buffer
+    kernel = build_persistent(h0.dtype.type, code).forward
+    args = (act, plan.units, plan.forward.tiles, plan.forward.splits, d[0], device_view(w_hh), d[1], d[2],
+            device_view(h0), device_view(hbuf), *d[3:])
+    return hbuf[T % 2] if launch_persistent(kernel, plan.forward, stream, args) else None
+
+
+def step_forward(code, act, w_hh, h0, stream, d):
+    """The forward sweep per step: a GEMM and a fused pointwise kernel per step; returns h_n.
+    d: device views of (xw, b_hh, lengths, c, y, gates, cs, hns)."""
+    xp = array_module()
+    K = build(h0.dtype.type)
+    B, H = h0.shape
+    T = d[0].shape[0]
+    h = h0.copy()                                                         # (B, H) updated in place
+    gh = xp.empty((B, w_hh.shape[0]), h0.dtype)                           # h @ W_hh.T, reused every step
+    h_d, gh_d = device_view(h), device_view(gh)
+    step = K.step_forward[blocks(B * H), threads(), stream]
+    for t in range(T):
+        xp.matmul(h, w_hh.T, out=gh)
+        step(code, act, t, d[0], gh_d, d[1], d[2], h_d, *d[3:])
+    return h
+
+
 def backward(ctx, dy, dstate_n):
+    xp = array_module()
+    T, B, H = ctx.y.shape
+    code = CELL_CODES[ctx.cell]
+    with on_device_of(dy):
+        dy = xp.ascontiguousarray(dy)
+        dgx = xp.zeros((T, B, ctx.w_hh.shape[0]), dy.dtype)
+        dgh = xp.zeros_like(dgx) if ctx.cell == "gru" else dgx
+        dh = xp.array(dstate_n[0], copy=True)                             # (B, H) carried dL/dh
+        dc = xp.array(dstate_n[1], copy=True) if ctx.cell == "lstm" else xp.zeros((1, 1), dy.dtype)
+        stream = launch_stream()
+        d = [device_view(a) for a in (dh, dy, ctx.y, ctx.h0, ctx.gates, ctx.cs, ctx.c0, ctx.hns, ctx.lengths,
+                                      dc, dgx, dgh)]
+        if not (ctx.plan.sweep == "persistent" and persistent_backward(code, ctx, stream, d)):
+            dh += step_backward(code, ctx, dgh, stream, d)
+    dstate0 = (dh, dc) if ctx.cell == "lstm" else (dh,)
+    return dgx, dgh, dstate0
+
+
+def persistent_backward(code, ctx, stream, d):
+    """The backward sweep in one launch; False when the device refused the launch.
+    d: device views of (dh, dy, y, h0, gates, cs, c0, hns, lengths, dc, dgx, dgh)."""
+    kernel = build_persistent(ctx.y.dtype.type, code).backward
+    launch = ctx.plan.backward
+    args = (ctx.act, ctx.plan.units, launch.tiles, launch.splits, device_view(ctx.w_hh), d[8], *d[:8], *d[9:])
+    return launch_persistent(kernel, launch, stream, args)
+
+
+def step_backward(code, ctx, dgh, stream, d):
+    """The backward sweep per step: a fused pointwise kernel and a GEMM per step; returns dG_0 @ W_hh, the
+    part of dL/dh0 not yet in dh. d: as for persistent_backward."""
     xp = array_module()
     K = build(ctx.y.dtype.type)
     T, B, H = ctx.y.shape
-    dy = xp.ascontiguousarray(dy)
-    dgx = xp.zeros((T, B, ctx.w_hh.shape[0]), dy.dtype)
-    dgh = xp.zeros_like(dgx) if ctx.cell == "gru" else dgx
-    dh = xp.array(dstate_n[0], copy=True)                                 # (B, H) carried dL/dh
-    dc = xp.array(dstate_n[1], copy=True) if ctx.cell == "lstm" else xp.zeros((1, 1), dy.dtype)
-    stream = launch_stream()
-    code = CELL_CODES[ctx.cell]
-    d = [device_view(a) for a in (dh, dy, ctx.y, ctx.h0, ctx.gates, ctx.cs, ctx.c0, ctx.hns, ctx.lengths,
-                                  dc, dgx, dgh)]
-    with on_device_of(dy):
-        done = False
-        if ctx.plan.sweep == "persistent":
-            kernel = build_persistent(dy.dtype.type, code).backward
-            launch = ctx.plan.backward
-            args = (ctx.act, ctx.plan.units, launch.tiles, launch.splits, device_view(ctx.w_hh), d[8], *d[:8],
-                    *d[9:])
-            done = launch_persistent(kernel, launch, stream, args)
-        if not done:
-            dhg = xp.zeros((B, H), dy.dtype)                              # dG_{t+1} @ W_hh, reused every step
-            dhg_d = device_view(dhg)
-            step = K.step_backward[blocks(B * H), threads(), stream]
-            for t in range(T - 1, -1, -1):
-                step(code, ctx.act, t, dhg_d, *d)
-                xp.matmul(dgh[t], ctx.w_hh, out=dhg)
-            dh += dhg
-    dstate0 = (dh, dc) if ctx.cell == "lstm" else (dh,)
-    return dgx, dgh, dstate0
+    dhg = xp.zeros((B, H), ctx.y.dtype)                                   # dG_{t+1} @ W_hh, reused every step
+    dhg_d = device_view(dhg)
+    step = K.step_backward[blocks(B * H), threads(), stream]
+    for t in range(T - 1, -1, -1):
+        step(code, ctx.act, t, dhg_d, *d)
+        xp.matmul(dgh[t], ctx.w_hh, out=dhg)
+    return dhg
 
 
 def jordan_forward(xw, w_yh, w_hy, b_y, y0, lengths, act, out_act, training=True):

@@ -72,15 +72,29 @@ FMA_LANES_PER_SM = {(7, 0): (64, 32), (7, 5): (64, 2), (8, 0): (64, 32), (8, 6):
                     (8, 9): (128, 2), (9, 0): (128, 64), (10, 0): (128, 64), (12, 0): (128, 2)}
 
 
+DEFAULT_CLOCK_HZ = 1.5e9           # when the driver no longer reports clock rates (CUDA 13 deprecates them)
+DEFAULT_MEMORY_BYTES_PER_S = 2e12
+
+
 def describe(gpu):
     """The Device of a Numba GPU object (cuda.gpus[i]), read from its attributes."""
+    def attribute(name, default=None):
+        try:
+            return getattr(gpu, name)
+        except Exception:   # noqa: BLE001 - an attribute this driver does not report
+            return default
     fp32, fp64 = FMA_LANES_PER_SM.get(tuple(gpu.compute_capability), (64, 2))
     name = gpu.name.decode() if isinstance(gpu.name, bytes) else str(gpu.name)
+    clock_khz, memory_khz, bus_bits = (attribute(a) for a in ("CLOCK_RATE", "MEMORY_CLOCK_RATE",
+                                                                "GLOBAL_MEMORY_BUS_WIDTH"))
     return Device(name, sms=gpu.MULTIPROCESSOR_COUNT, shared_per_block=gpu.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-                  registers_per_sm=gpu.MAX_REGISTERS_PER_MULTIPROCESSOR, clock_hz=gpu.CLOCK_RATE * 1e3,
+                  registers_per_sm=gpu.MAX_REGISTERS_PER_MULTIPROCESSOR,
+                  clock_hz=clock_khz * 1e3 if clock_khz else DEFAULT_CLOCK_HZ,
                   fma_per_sm_clock={4: fp32, 8: fp64},
-                  memory_bytes_per_s=2 * gpu.MEMORY_CLOCK_RATE * 1e3 * gpu.GLOBAL_MEMORY_BUS_WIDTH / 8,
-                  cooperative=bool(gpu.COOPERATIVE_LAUNCH), max_threads=gpu.MAX_THREADS_PER_BLOCK)
+                  memory_bytes_per_s=(2 * memory_khz * 1e3 * bus_bits / 8 if memory_khz and bus_bits
+                                      else DEFAULT_MEMORY_BYTES_PER_S),
+                  cooperative=bool(attribute("COOPERATIVE_LAUNCH", False)),
+                  max_threads=gpu.MAX_THREADS_PER_BLOCK)
 
 
 @dataclass(frozen=True)

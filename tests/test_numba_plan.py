@@ -75,3 +75,26 @@ def test_layout_covers_every_unit_within_the_limits(device, itemsize, G, B, H):
         assert 1 <= launch.tiles <= -(-B // 4)
         assert launch.threads % (WARP * launch.splits) == 0          # every split item in one round
         assert launch.threads <= min(device.max_threads, MAX_THREADS[itemsize])
+
+
+class FakeGPU:
+    """What numba's cuda.gpus[i] reports for an H100 SXM under CUDA 13, which no longer reports clock rates."""
+    compute_capability = (9, 0)
+    name = b"NVIDIA H100 80GB HBM3"
+    MULTIPROCESSOR_COUNT = 132
+    MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 232448
+    MAX_REGISTERS_PER_MULTIPROCESSOR = 65536
+    MAX_THREADS_PER_BLOCK = 1024
+    COOPERATIVE_LAUNCH = 1
+    GLOBAL_MEMORY_BUS_WIDTH = 5120
+
+    def __getattr__(self, name):
+        raise AttributeError(name)
+
+
+def test_device_read_from_numba_attributes():
+    device = P.describe(FakeGPU())
+    assert (device.name, device.sms, device.shared_per_block, device.fma_per_sm_clock) == \
+        ("NVIDIA H100 80GB HBM3", 132, 232448, {4: 128, 8: 64})
+    assert device.clock_hz == P.DEFAULT_CLOCK_HZ and device.cooperative
+    assert P.plan("auto", 4, 1024, 4, 4, device).sweep == "persistent"
