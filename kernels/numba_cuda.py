@@ -185,7 +185,7 @@ def persistent_forward(code, act, plan, w_hh, h0, stream, d):
     hbuf = xp.empty((2, B, H), h0.dtype)                                  # h double buffer
     kernel = build_persistent(h0.dtype.type, code).forward
     args = (act, plan.units, plan.forward.tiles, plan.forward.splits, d[0], device_view(w_hh), d[1], d[2],
-            device_view(h0), device_view(hbuf), *d[3:])
+            device_view(h0[None]), device_view(hbuf), *d[3:])
     return hbuf[T % 2] if launch_persistent(kernel, plan.forward, stream, args) else None
 
 

@@ -26,7 +26,7 @@ def signatures(F):
     return {
         "step_forward": (i, i, i, a3, a2, a1, lens, a2, a2, a3, a3, a3, a3),
         "step_backward": (i, i, i, a2, a2, a3, a3, a2, a3, a3, a2, a3, lens, a2, a3, a3),
-        "persistent_forward": (i, i, i, i, a3, a2, a1, lens, a2, a3, a2, a3, a3, a3, a3),
+        "persistent_forward": (i, i, i, i, a3, a2, a1, lens, a3, a3, a2, a3, a3, a3, a3),
         "persistent_backward": (i, i, i, i, a2, lens, a2, a3, a3, a2, a3, a3, a2, a3, a2, a3, a3),
         "jordan_hidden": (i, i, a3, a2, lens, a3),
         "jordan_output": (i, i, a2, a1, lens, a3, a2),

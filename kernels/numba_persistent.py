@@ -168,22 +168,64 @@ def tile_ops(dtype, R):
 
 
 @functools.lru_cache(maxsize=None)
-def split_ops(dtype, n):
-    """Adding the partial sums of the warps of a split item, n sums per lane, through shared memory."""
+def block_ops(dtype):
+    """Device functions every persistent kernel of dtype `dtype` uses."""
+    F = np.dtype(dtype).type
+
     @cuda.jit(**jit_options())
-    def put_partials(sm, red, warp, lane, sums):
-        """sm[red + (warp*n + r)*32 + lane] = sums[r]."""
+    def thread_place():
+        """(thread, lane, warp, warps, threads) of this thread in its block."""
+        tid, threads = U32(cuda.threadIdx.x), U32(cuda.blockDim.x)
+        return tid, U32(tid % WARP_), U32(tid // WARP_), U32(threads // WARP_), threads
+
+    @cuda.jit(**jit_options())
+    def stage(sm, src, plane, B, K, row0, rows, xq0, tid, threads):
+        """Batch rows row0 .. row0+rows-1 of src[plane] (B, K) into shared memory, 0 past B, tile by tile:
+        sm[BT*(xq0 + (r // BT)*K + k) + r % BT] = src[plane, row0 + r, k]. Read along k (coalesced)."""
+        e = tid
+        while e < rows * K:
+            r = U32(e // K)
+            k = U32(e - r * K)
+            b = U32(row0 + r)
+            v = src[plane, b, k] if b < B else F(0)
+            sm[U32(BT_ * (xq0 + r // BT_ * K + k) + r % BT_)] = v
+            e = U32(e + threads)
+
+    return SimpleNamespace(thread_place=thread_place, stage=stage)
+
+
+@functools.lru_cache(maxsize=None)
+def item_ops(dtype, R, gates):
+    """item_sums for lane groups of R rows: `gates` leaves every lane the R sums of its batch row (reduce_rows),
+    else one sum per lane (reduce_scatter); n: sums per lane."""
+    F = np.dtype(dtype).type
+    tiles = tile_ops(dtype, R)
+    dot, reduce = tiles.dot_tile, (tiles.reduce_rows if gates else tiles.reduce_scatter)
+    n = R if gates else 1
+    n_ = U32(n)
+
+    @cuda.jit(**jit_options())
+    def item_sums(sm, compute, split, S, wq, xq, K, lane, warp, red, acc, sums):
+        """sums (n,): this lane's sums of the item whose weights start at R*wq and staged tile at BT*xq, over
+        all K when it is the item's first split (split 0); 0 when not `compute`. With S > 1 splits the warps of
+        an item (consecutive warps) add their partial sums through shared memory at `red`: every warp of the
+        block must then call this together, as it holds block barriers."""
         for r in range(n):
-            sm[U32(red + (warp * U32(n) + r) * WARP_ + lane)] = sums[r]
+            sums[r] = F(0)
+        if compute:
+            dot(sm, wq, xq, K, U32(split * WARP_ + lane), U32(S * WARP_), acc)
+            reduce(acc, lane, sums)
+        if S > 1:
+            if compute:
+                for r in range(n):
+                    sm[U32(red + (warp * n_ + r) * WARP_ + lane)] = sums[r]
+            cuda.syncthreads()
+            if compute and split == 0:
+                for s in range(1, S):
+                    for r in range(n):
+                        sums[r] += sm[U32(red + ((warp + s) * n_ + r) * WARP_ + lane)]
 
-    @cuda.jit(**jit_options())
-    def add_partials(sm, red, warp, splits, lane, sums):
-        """sums[r] += the partials of warps warp+1 .. warp+splits-1, in that order."""
-        for s in range(1, splits):
-            for r in range(n):
-                sums[r] += sm[U32(red + ((warp + s) * U32(n) + r) * WARP_ + lane)]
-
-    return SimpleNamespace(put_partials=put_partials, add_partials=add_partials)
+    return SimpleNamespace(item_sums=item_sums, n=n, acc_size=R * BT, local_type=tiles.local_type)
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,21 +237,17 @@ def build(dtype, cell):
     G = GATE_COUNT[cell]
     UPT = units_per_group(G, False)
     R = rows_per_group(G, False)
-    NS = sums_per_lane(G, False)                               # forward sums per lane: G or 1
     G_, UPT_, R_ = U32(G), U32(UPT), U32(R)
-    RB, RB4 = R * BT, 4 * BT
-    fwd, bwd = tile_ops(dtype, R), tile_ops(dtype, 4)
-    dot_fwd, dot_bwd, columns_sum = fwd.dot_tile, bwd.dot_tile, bwd.reduce_scatter
-    forward_sum = fwd.reduce_rows if UPT == 1 else fwd.reduce_scatter
-    put_fwd, add_fwd = split_ops(dtype, NS).put_partials, split_ops(dtype, NS).add_partials
-    put_bwd, add_bwd = split_ops(dtype, 1).put_partials, split_ops(dtype, 1).add_partials
-    NF = fwd.local_type
+    place, stage = block_ops(dtype).thread_place, block_ops(dtype).stage
+    fwd, bwd = item_ops(dtype, R, UPT == 1), item_ops(dtype, 4, False)
+    forward_sums, backward_sums = fwd.item_sums, bwd.item_sums
+    NF, ACC_F, ACC_B, NS_F = fwd.local_type, fwd.acc_size, bwd.acc_size, fwd.n   # local array sizes: constants
 
     @cuda.jit(**jit_options(np.dtype(dtype).itemsize))
     def forward(act, units, tiles, splits, xw, w_hh, b_hh, lengths, h0, hbuf, c, y, gates, cs, hns):
         """All T forward steps. act: Elman activation code; units, tiles, splits: see the module docstring.
 
-        xw: (T, B, G*H)  w_hh: (G*H, H)  b_hh: (G*H,)  lengths: (B,) int32  h0: (B, H)
+        xw: (T, B, G*H)  w_hh: (G*H, H)  b_hh: (G*H,)  lengths: (B,) int32  h0: (1, B, H)
         hbuf: (2, B, H) step t reads h_t (h0 at t = 0, else hbuf[t % 2]) and writes h_{t+1} to hbuf[(t+1) % 2]
         c: (B, H) LSTM state, updated in place  y: (T, B, H)  gates: (T, B, G*H)  cs, hns: (T, B, H)
         """
@@ -217,11 +255,7 @@ def build(dtype, cell):
         B = U32(hbuf.shape[1])
         H = U32(hbuf.shape[2])
         units_, S = U32(units), U32(splits)
-        tid = U32(cuda.threadIdx.x)
-        lane = U32(tid % WARP_)
-        warp = U32(tid // WARP_)
-        nwarps = U32(cuda.blockDim.x // WARP_)
-        nthreads = U32(cuda.blockDim.x)
+        tid, lane, warp, nwarps, nthreads = place()
         j0 = U32(U32(cuda.blockIdx.x) * units_)
         nj = U32(min(units_, U32(H - j0)))                      # units of this block
         groups = U32((nj + UPT_ - 1) // UPT_)
@@ -240,26 +274,16 @@ def build(dtype, cell):
             sm[U32(R_ * (jj // UPT_ * H + k) + g * UPT_ + jj % UPT_)] = v
             e = U32(e + nthreads)
         ntiles = U32((B + BT_ - 1) // BT_)
-        acc = cuda.local.array(RB, NF)
-        sums = cuda.local.array(NS, NF)
+        acc = cuda.local.array(ACC_F, NF)
+        sums = cuda.local.array(NS_F, NF)
         grid = cuda.cg.this_grid()
         for t in range(T):
-            cur = t % 2
             for tile0 in range(0, ntiles, tiles):
                 nt = U32(min(U32(tiles), U32(ntiles - tile0)))
                 if t == 0 or tile0 > 0:
                     cuda.syncthreads()                          # the W slice, or the previous pass, is done
-                # stage h_t of batch rows BT*tile0 ..: sm[BT*(xq0 + ts*H + k) + bb] = h_t[BT*(tile0 + ts) + bb, k]
-                e = tid
-                while e < nt * BT_ * H:
-                    row = U32(e // H)
-                    k = U32(e - row * H)
-                    b = U32(tile0 * BT_ + row)
-                    v = F(0)
-                    if b < B:
-                        v = h0[b, k] if t == 0 else hbuf[cur, b, k]
-                    sm[U32(BT_ * (xq0 + row // BT_ * H + k) + row % BT_)] = v
-                    e = U32(e + nthreads)
+                stage(sm, h0 if t == 0 else hbuf, 0 if t == 0 else t % 2, B, H, U32(tile0 * BT_),
+                      U32(nt * BT_), xq0, tid, nthreads)
                 cuda.syncthreads()
                 for base in range(0, nt * groups * S, nwarps):  # rounds: every warp runs each one
                     item = U32(base + warp)
@@ -268,15 +292,7 @@ def build(dtype, cell):
                     ts = U32(item // S // groups)
                     ug = U32(item // S - ts * groups)
                     xq = U32(xq0 + ts * H)
-                    if active:
-                        dot_fwd(sm, U32(ug * H), xq, H, U32(split * WARP_ + lane), U32(S * WARP_), acc)
-                        forward_sum(acc, lane, sums)
-                    if S > 1:
-                        if active:
-                            put_fwd(sm, red, warp, lane, sums)
-                        cuda.syncthreads()
-                        if active and split == 0:
-                            add_fwd(sm, red, warp, S, lane, sums)
+                    forward_sums(sm, active, split, S, U32(ug * H), xq, H, lane, warp, red, acc, sums)
                     # LSTM, GRU: lane 8*bb holds the G gates of unit ug; Elman: lane 8*bb + 2*uu unit 4*ug + uu
                     uu = U32(0 if UPT == 1 else lane // 2 % 4)
                     writer = lane % (8 if UPT == 1 else 2) == 0
@@ -289,8 +305,8 @@ def build(dtype, cell):
                         r2 = sums[2] if G > 2 else F(0)
                         r3 = sums[3] if G > 3 else F(0)
                         h_prev = sm[U32(BT_ * (xq + j) + bb)]
-                        hbuf[1 - cur, b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], xw, b_hh,
-                                                           sums[0], r1, r2, r3, h_prev, c, y, gates, cs, hns)
+                        hbuf[1 - t % 2, b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], xw, b_hh,
+                                                             sums[0], r1, r2, r3, h_prev, c, y, gates, cs, hns)
                     if S > 1:
                         cuda.syncthreads()                      # the partials are rewritten next round
             if t + 1 < T:
@@ -310,11 +326,7 @@ def build(dtype, cell):
         H = U32(dh.shape[1])
         GH = U32(w_hh.shape[0])
         units_, S = U32(units), U32(splits)
-        tid = U32(cuda.threadIdx.x)
-        lane = U32(tid % WARP_)
-        warp = U32(tid // WARP_)
-        nwarps = U32(cuda.blockDim.x // WARP_)
-        nthreads = U32(cuda.blockDim.x)
+        tid, lane, warp, nwarps, nthreads = place()
         k0 = U32(U32(cuda.blockIdx.x) * units_)
         nk = U32(min(units_, U32(H - k0)))                      # columns of this block
         groups = U32((nk + FOUR - 1) // FOUR)
@@ -331,7 +343,7 @@ def build(dtype, cell):
             sm[U32(FOUR * (col // FOUR * GH + gj) + col % FOUR)] = v
             e = U32(e + nthreads)
         ntiles = U32((B + BT_ - 1) // BT_)
-        acc = cuda.local.array(RB4, NF)
+        acc = cuda.local.array(ACC_B, NF)
         sums = cuda.local.array(1, NF)
         grid = cuda.cg.this_grid()
         for step in range(T + 1):
@@ -341,15 +353,7 @@ def build(dtype, cell):
                 if step == 0 or tile0 > 0:
                     cuda.syncthreads()
                 if t + 1 < T:
-                    # stage dgh[t+1] of batch rows BT*tile0 ..: sm[BT*(xq0 + ts*GH + gj) + bb]
-                    e = tid
-                    while e < nt * BT_ * GH:
-                        row = U32(e // GH)
-                        gj = U32(e - row * GH)
-                        b = U32(tile0 * BT_ + row)
-                        v = dgh[t + 1, b, gj] if b < B else F(0)
-                        sm[U32(BT_ * (xq0 + row // BT_ * GH + gj) + row % BT_)] = v
-                        e = U32(e + nthreads)
+                    stage(sm, dgh, t + 1, B, GH, U32(tile0 * BT_), U32(nt * BT_), xq0, tid, nthreads)
                     cuda.syncthreads()
                 for base in range(0, nt * groups * S, nwarps):
                     item = U32(base + warp)
@@ -357,17 +361,8 @@ def build(dtype, cell):
                     split = U32(item % S)
                     ts = U32(item // S // groups)
                     cg = U32(item // S - ts * groups)
-                    sums[0] = F(0)
-                    if active and t + 1 < T:
-                        dot_bwd(sm, U32(cg * GH), U32(xq0 + ts * GH), GH, U32(split * WARP_ + lane),
-                                U32(S * WARP_), acc)
-                        columns_sum(acc, lane, sums)
-                    if S > 1:
-                        if active:
-                            put_bwd(sm, red, warp, lane, sums)
-                        cuda.syncthreads()
-                        if active and split == 0:
-                            add_bwd(sm, red, warp, S, lane, sums)
+                    backward_sums(sm, active and t + 1 < T, split, S, U32(cg * GH), U32(xq0 + ts * GH), GH, lane,
+                                  warp, red, acc, sums)
                     # lane 8*bb + 2*r: column 4*cg + r, batch row bb
                     b = U32((tile0 + ts) * BT_ + lane // 8)
                     col = U32(cg * FOUR + lane // 2 % 4)
