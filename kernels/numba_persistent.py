@@ -179,6 +179,15 @@ def block_ops(dtype):
         return tid, U32(tid % WARP_), U32(tid // WARP_), U32(threads // WARP_), threads
 
     @cuda.jit(**jit_options())
+    def share(units, H, per_group):
+        """(first unit, units, lane groups, units padded to whole groups) of this block: it owns units first ..
+        first + units - 1 of H, `units` per block (the last block fewer); W slices are padded with 0 rows."""
+        first = U32(U32(cuda.blockIdx.x) * units)
+        count = U32(min(units, U32(H - first)))
+        return (first, count, U32((count + per_group - 1) // per_group),
+                U32((units + per_group - 1) // per_group * per_group))
+
+    @cuda.jit(**jit_options())
     def stage(sm, src, plane, B, K, row0, rows, xq0, tid, threads):
         """Batch rows row0 .. row0+rows-1 of src[plane] (B, K) into shared memory, 0 past B, tile by tile:
         sm[BT*(xq0 + (r // BT)*K + k) + r % BT] = src[plane, row0 + r, k]. Read along k (coalesced)."""
@@ -191,7 +200,7 @@ def block_ops(dtype):
             sm[U32(BT_ * (xq0 + r // BT_ * K + k) + r % BT_)] = v
             e = U32(e + threads)
 
-    return SimpleNamespace(thread_place=thread_place, stage=stage)
+    return SimpleNamespace(thread_place=thread_place, share=share, stage=stage)
 
 
 @functools.lru_cache(maxsize=None)
@@ -238,7 +247,7 @@ def build(dtype, cell):
     UPT = units_per_group(G, False)
     R = rows_per_group(G, False)
     G_, UPT_, R_ = U32(G), U32(UPT), U32(R)
-    place, stage = block_ops(dtype).thread_place, block_ops(dtype).stage
+    place, share, stage = block_ops(dtype).thread_place, block_ops(dtype).share, block_ops(dtype).stage
     fwd, bwd = item_ops(dtype, R, UPT == 1), item_ops(dtype, 4, False)
     forward_sums, backward_sums = fwd.item_sums, bwd.item_sums
     NF, ACC_F, ACC_B, NS_F = fwd.local_type, fwd.acc_size, bwd.acc_size, fwd.n   # local array sizes: constants
@@ -256,10 +265,7 @@ def build(dtype, cell):
         H = U32(hbuf.shape[2])
         units_, S = U32(units), U32(splits)
         tid, lane, warp, nwarps, nthreads = place()
-        j0 = U32(U32(cuda.blockIdx.x) * units_)
-        nj = U32(min(units_, U32(H - j0)))                      # units of this block
-        groups = U32((nj + UPT_ - 1) // UPT_)
-        padded = U32((units_ + UPT_ - 1) // UPT_ * UPT_)        # units of the W slice: rows past nj are 0
+        j0, nj, groups, padded = share(units_, H, UPT_)         # units j0 .. j0+nj-1, in groups of UPT
         xq0 = U32((padded // UPT_ * H * R_ + BT_ - 1) // BT_)   # the staged h starts at element BT*xq0
         red = U32(BT_ * (xq0 + U32(tiles) * H))                 # the partial sums of split items start here
         sm = cuda.shared.array(0, dtype=xw.dtype)
@@ -327,10 +333,7 @@ def build(dtype, cell):
         GH = U32(w_hh.shape[0])
         units_, S = U32(units), U32(splits)
         tid, lane, warp, nwarps, nthreads = place()
-        k0 = U32(U32(cuda.blockIdx.x) * units_)
-        nk = U32(min(units_, U32(H - k0)))                      # columns of this block
-        groups = U32((nk + FOUR - 1) // FOUR)
-        padded = U32((units_ + FOUR - 1) // FOUR * FOUR)        # columns of the W^T slice: past nk they are 0
+        k0, nk, groups, padded = share(units_, H, FOUR)         # columns k0 .. k0+nk-1, in groups of 4
         xq0 = U32(padded // FOUR * GH)                          # the staged dgates start at element BT*xq0
         red = U32(BT_ * (xq0 + U32(tiles) * GH))                # the partial sums of split items start here
         sm = cuda.shared.array(0, dtype=dy.dtype)
