@@ -58,21 +58,31 @@ def build(dtype):
         return F(1)
 
     @cuda.jit(device=True)
-    def unit_forward(cell, act, t, b, j, valid, xw, b_hh, r0, r1, r2, r3, h_prev, c, y, gates, cs, hns):
+    def inputs(xw, t, b, j, G):
+        """x0..x3 = xw[t, b, g*H + j] for gates g < G, 0 for the others. xw: (T, B, G*H)."""
+        H = xw.shape[2] // G
+        x1 = xw[t, b, H + j] if G > 1 else F(0)
+        x2 = xw[t, b, 2 * H + j] if G > 2 else F(0)
+        x3 = xw[t, b, 3 * H + j] if G > 3 else F(0)
+        return xw[t, b, j], x1, x2, x3
+
+    @cuda.jit(device=True)
+    def unit_forward(cell, act, t, b, j, valid, x0, x1, x2, x3, b_hh, r0, r1, r2, r3, h_prev, c, y, gates, cs,
+                     hns):
         """One step of hidden unit (b, j); returns the state h after step t.
 
-        r0..r3: (h_prev @ W_hh.T)[b, g*H + j] for gate g (no bias); unused gates pass 0
-        xw: (T, B, G*H)  b_hh: (G*H,)  h_prev: the scalar h[b, j] before the step
+        x0..x3: xw[t, b, g*H + j] (`inputs`), r0..r3: (h_prev @ W_hh.T)[b, g*H + j] for gate g (no bias);
+        unused gates pass 0. b_hh: (G*H,)  h_prev: the scalar h[b, j] before the step
         c: (B, H) LSTM cell state, updated in place  y: (T, B, H)
         gates: (T, B, G*H) activated gates (Elman: y itself)  cs: (T, B, H) LSTM c after each step
         hns: (T, B, H) GRU h_prev @ W_hn.T + b_hn
         """
         H = y.shape[2]
         if cell == LSTM:
-            i = sigmoid(xw[t, b, j] + r0 + b_hh[j])
-            f = sigmoid(xw[t, b, H + j] + r1 + b_hh[H + j])
-            g = math.tanh(xw[t, b, 2 * H + j] + r2 + b_hh[2 * H + j])
-            o = sigmoid(xw[t, b, 3 * H + j] + r3 + b_hh[3 * H + j])
+            i = sigmoid(x0 + r0 + b_hh[j])
+            f = sigmoid(x1 + r1 + b_hh[H + j])
+            g = math.tanh(x2 + r2 + b_hh[2 * H + j])
+            o = sigmoid(x3 + r3 + b_hh[3 * H + j])
             c_new = f * c[b, j] + i * g
             h_new = o * math.tanh(c_new)
             gates[t, b, j] = i
@@ -84,16 +94,16 @@ def build(dtype):
             cs[t, b, j] = c[b, j]
         elif cell == GRU:
             hn = r2 + b_hh[2 * H + j]
-            r = sigmoid(xw[t, b, j] + r0 + b_hh[j])
-            z = sigmoid(xw[t, b, H + j] + r1 + b_hh[H + j])
-            n = math.tanh(xw[t, b, 2 * H + j] + r * hn)
+            r = sigmoid(x0 + r0 + b_hh[j])
+            z = sigmoid(x1 + r1 + b_hh[H + j])
+            n = math.tanh(x2 + r * hn)
             h_new = (F(1) - z) * n + z * h_prev
             gates[t, b, j] = r
             gates[t, b, H + j] = z
             gates[t, b, 2 * H + j] = n
             hns[t, b, j] = hn
         else:
-            h_new = activate(act, xw[t, b, j] + r0 + b_hh[j])
+            h_new = activate(act, x0 + r0 + b_hh[j])
             gates[t, b, j] = h_new
         y[t, b, j] = h_new if valid else F(0)
         return h_new if valid else h_prev
@@ -160,8 +170,9 @@ def build(dtype):
         r1 = gh[b, H + j] if G > 1 else F(0)
         r2 = gh[b, 2 * H + j] if G > 2 else F(0)
         r3 = gh[b, 3 * H + j] if G > 3 else F(0)
-        h[b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], xw, b_hh, gh[b, j], r1, r2, r3, h[b, j],
-                               c, y, gates, cs, hns)
+        x0, x1, x2, x3 = inputs(xw, t, b, j, G)
+        h[b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], x0, x1, x2, x3, b_hh, gh[b, j], r1, r2, r3,
+                               h[b, j], c, y, gates, cs, hns)
 
     @cuda.jit
     def step_backward(cell, act, t, dhg, dh, dy, y, h0, gates, cs, c0, hns, lengths, dc, dgx, dgh):
@@ -220,7 +231,7 @@ def build(dtype):
         if b < B:
             dph[t, b, j] = dhh[b, j] * activate_grad(act, h[t, b, j])
 
-    return SimpleNamespace(unit_forward=unit_forward, unit_backward=unit_backward,
+    return SimpleNamespace(inputs=inputs, unit_forward=unit_forward, unit_backward=unit_backward,
                            step_forward=step_forward, step_backward=step_backward,
                            jordan_hidden=jordan_hidden, jordan_output=jordan_output,
                            jordan_output_backward=jordan_output_backward,

@@ -242,7 +242,7 @@ def build(dtype, cell):
     """SimpleNamespace(forward, backward): the persistent kernels of cell code `cell` (ELMAN | LSTM | GRU)."""
     F = np.dtype(dtype).type
     cells = build_cells(dtype)
-    unit_forward, unit_backward = cells.unit_forward, cells.unit_backward
+    inputs, unit_forward, unit_backward = cells.inputs, cells.unit_forward, cells.unit_backward
     G = GATE_COUNT[cell]
     UPT = units_per_group(G, False)
     R = rows_per_group(G, False)
@@ -298,21 +298,25 @@ def build(dtype, cell):
                     ts = U32(item // S // groups)
                     ug = U32(item // S - ts * groups)
                     xq = U32(xq0 + ts * H)
-                    forward_sums(sm, active, split, S, U32(ug * H), xq, H, lane, warp, red, acc, sums)
-                    # LSTM, GRU: lane 8*bb holds the G gates of unit ug; Elman: lane 8*bb + 2*uu unit 4*ug + uu
+                    # LSTM, GRU: lane 8*bb gets the G gates of unit ug; Elman: lane 8*bb + 2*uu unit 4*ug + uu
                     uu = U32(0 if UPT == 1 else lane // 2 % 4)
-                    writer = lane % (8 if UPT == 1 else 2) == 0
                     bb = U32(lane // 8)
                     b = U32((tile0 + ts) * BT_ + bb)
-                    jj = U32(ug * UPT_ + uu)
-                    if active and split == 0 and writer and jj < nj and b < B:
-                        j = U32(j0 + jj)
+                    j = U32(j0 + ug * UPT_ + uu)
+                    writes = (active and split == 0 and lane % (8 if UPT == 1 else 2) == 0 and j < j0 + nj
+                              and b < B)
+                    x0 = x1 = x2 = x3 = F(0)
+                    if writes:                                  # loaded before the dot product, used after it
+                        x0, x1, x2, x3 = inputs(xw, t, b, j, G)
+                    forward_sums(sm, active, split, S, U32(ug * H), xq, H, lane, warp, red, acc, sums)
+                    if writes:
                         r1 = sums[1] if G > 1 else F(0)
                         r2 = sums[2] if G > 2 else F(0)
                         r3 = sums[3] if G > 3 else F(0)
                         h_prev = sm[U32(BT_ * (xq + j) + bb)]
-                        hbuf[1 - t % 2, b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], xw, b_hh,
-                                                             sums[0], r1, r2, r3, h_prev, c, y, gates, cs, hns)
+                        hbuf[1 - t % 2, b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], x0, x1, x2, x3,
+                                                             b_hh, sums[0], r1, r2, r3, h_prev, c, y, gates, cs,
+                                                             hns)
                     if S > 1:
                         cuda.syncthreads()                      # the partials are rewritten next round
             if t + 1 < T:
