@@ -36,11 +36,11 @@ BT = 4                    # batch rows per tile
 WARP = 32                 # lanes of a warp
 FULL_MASK = 0xFFFFFFFF    # every lane takes part in each shuffle
 GATE_COUNT = {ELMAN: 1, LSTM: 4, GRU: 3}
-# Launch bounds: at most MAX_THREADS[itemsize] threads per block, registers capped so that MIN_BLOCKS such blocks
-# fit an SM (65536 registers: 128 per thread at 256 threads). float64 gets 128 threads: its 16 accumulators,
-# 4 weights and 4 staged values take twice the registers, and 128 would spill on sm_80.
-MAX_THREADS = {4: 256, 8: 128}
-MIN_BLOCKS = 2
+# Launch bounds (MAX_THREADS, MIN_BLOCKS): blocks of up to 256 threads, registers capped only so that one such block
+# fits an SM. The plan runs one block per SM (numba_plan.py says why); a cap for 2 blocks (128 registers) would make
+# sm_80 spill: its ptxas takes 150-190 registers for the float32 kernels where sm_90's takes 90-110.
+MAX_THREADS = 256
+MIN_BLOCKS = 1
 
 
 def simulator():
@@ -68,7 +68,7 @@ def jit_options(itemsize=None):
         return {"device": itemsize is None}
     if itemsize is None:
         return {"device": True, "forceinline": True}
-    return {"launch_bounds": (MAX_THREADS[itemsize], MIN_BLOCKS)}
+    return {"launch_bounds": (MAX_THREADS, MIN_BLOCKS)}
 
 
 def units_per_group(G, backward):

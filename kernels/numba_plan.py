@@ -10,9 +10,11 @@ Layout (numba_persistent.py): each block owns `units` hidden units, as few as th
 as fit, up to the whole batch (one staging pass per step). One warp works on one (tile, lane group) item at a
 time; a block gets as many warps as it has items per pass, within the kernel's launch bounds and the device.
 
-Registers: the kernels are compiled with launch bounds (MAX_THREADS[itemsize], MIN_BLOCKS = 2), so 2 blocks of
-the largest block the plan picks fit an SM's registers. The plan still launches one block per SM: its W_hh slice
-takes the SM's shared memory, and the grid barrier needs every block resident at once.
+Registers: the plan launches one block per SM, never more: the block's W_hh slice fills the SM's shared memory,
+and the grid barrier needs every block resident at once, which one block per SM guarantees. So the kernels are
+compiled with launch bounds (256 threads, 1 block), which lets ptxas use up to 255 registers without spilling
+(sm_80: 150-240, sm_90: 90-145, from python -m gpurnn.kernels.sass); on sm_90 the float32 kernels would still fit
+2 blocks of 256 threads.
 
 Cost model, per step and direction (estimates from the device's datasheet class, NOT measurements; a GPU
 session replaces them with measured values, see docs/PERFORMANCE.md):
@@ -159,7 +161,7 @@ def layout_launch(B, H, G, itemsize, device, units, backward):
         return None
     tiles = fits[0]
     items = tiles * ceil_div(units, 4 if backward else units_per_group(G, False))
-    max_warps = min(device.max_threads, MAX_THREADS[itemsize]) // WARP
+    max_warps = min(device.max_threads, MAX_THREADS) // WARP
     K = G * H if backward else H
     splits = max(1, min(max_warps // items, ceil_div(K, WARP * MIN_K_PER_LANE) if MIN_K_PER_LANE else max_warps))
     warps = items * splits if splits > 1 else min(items, max_warps)

@@ -74,7 +74,7 @@ def test_layout_covers_every_unit_within_the_limits(device, itemsize, G, B, H):
         assert launch.shared <= device.shared_per_block
         assert 1 <= launch.tiles <= -(-B // 4)
         assert launch.threads % (WARP * launch.splits) == 0          # every split item in one round
-        assert launch.threads <= min(device.max_threads, MAX_THREADS[itemsize])
+        assert launch.threads <= min(device.max_threads, MAX_THREADS)
 
 
 class FakeGPU:
