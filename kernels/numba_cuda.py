@@ -6,8 +6,9 @@ launch planner (numba_plan.py) from the sizes and the device:
 - "step": per step one GEMM through the array module (cuBLAS on a GPU) into a (B, G*H) buffer allocated once
   per call, then ONE fused pointwise kernel (all gates + state update; backward: all gate gradients + dc).
 - "persistent": one cooperative launch for all T steps, each block holding its slice of W_hh in shared memory,
-  one grid-wide barrier per step. If the device refuses the launch, the sweep runs per step instead (one
-  warning per launch configuration). Under the simulator it runs through numba_sim (every block at once).
+  one grid-wide barrier per step (Jordan: its slices of W_yh and W_hy, two barriers per step). If the device
+  refuses the launch, the sweep runs per step instead (one warning per launch configuration). Under the
+  simulator it runs through numba_sim (every block at once).
 Kernels launch on CuPy's current stream, on the device of the input arrays; nothing in the time loop waits.
 """
 import contextlib
@@ -20,7 +21,7 @@ from numba import cuda
 
 from . import JordanCtx, numba_plan
 from .numba_cuda_kernels import ACT_CODES, CELL_CODES, build
-from .numba_persistent import build as build_persistent
+from .numba_persistent import build as build_persistent, build_jordan
 
 SWEEPS = numba_plan.SWEEPS
 THREADS = 256              # threads per block of the per-step kernels on a GPU
@@ -249,55 +250,103 @@ def step_backward(code, ctx, dgh, stream, d):
     return dhg
 
 
-def jordan_forward(xw, w_yh, w_hy, b_y, y0, lengths, act, out_act, training=True):
-    """Per step: GEMM y_{t-1} @ W_yh.T, kernel h_t, GEMM h_t @ W_hy.T, kernel y_t."""
+@dataclass
+class JordanSweepCtx(JordanCtx):
+    plan: object = None    # numba_plan.Plan of the forward sweep; backward takes the same path
+
+
+def jordan_forward(xw, w_yh, w_hy, b_y, y0, lengths, act, out_act, training=True, sweep="auto"):
     xp = array_module()
-    K = build(xw.dtype.type)
     T, B, H = xw.shape
     O = w_hy.shape[0]
-    xw = xp.ascontiguousarray(xw)
-    state = xp.array(y0, copy=True)                                       # (B, O) y of the last valid step
-    h = xp.empty((T, B, H), xw.dtype)
-    y = xp.empty((T, B, O), xw.dtype)
-    hy = xp.empty((B, H), xw.dtype)
-    py = xp.empty((B, O), xw.dtype)
-    stream = launch_stream()
-    xw_d, hy_d, py_d, h_d, y_d, st_d, len_d, by_d = (device_view(a) for a in (xw, hy, py, h, y, state, lengths,
-                                                                                xp.ascontiguousarray(b_y)))
-    hidden = K.jordan_hidden[blocks(B * H), threads(), stream]
-    output = K.jordan_output[blocks(B * O), threads(), stream]
-    act_code, out_code = ACT_CODES[act], ACT_CODES[out_act]
-    for t in range(T):
-        xp.matmul(state, w_yh.T, out=hy)
-        hidden(act_code, t, xw_d, hy_d, len_d, h_d)
-        xp.matmul(h[t], w_hy.T, out=py)
-        output(out_code, t, py_d, by_d, len_d, y_d, st_d)
+    with on_device_of(xw):
+        plan = numba_plan.jordan_plan(sweep, B, H, O, xw.dtype.itemsize, current_device())
+        xw, w_yh, w_hy, b_y = (xp.ascontiguousarray(a) for a in (xw, w_yh, w_hy, b_y))
+        h = xp.empty((T, B, H), xw.dtype)
+        y = xp.empty((T, B, O), xw.dtype)
+        codes = ACT_CODES[act], ACT_CODES[out_act]
+        stream = launch_stream()
+        d = [device_view(a) for a in (xw, w_yh, w_hy, b_y, lengths, h, y)]
+        state = persistent_jordan_forward(codes, plan, y0, stream, d) if plan.sweep == "persistent" else None
+        if state is None:
+            plan = REFUSED if plan.sweep == "persistent" else plan
+            state = step_jordan_forward(codes, w_yh, w_hy, y0, h, stream, d)
     if not training:
         return y, state, None
-    return y, state, JordanCtx(lengths, w_yh, w_hy, act, out_act, y0, h, y)
+    return y, state, JordanSweepCtx(lengths, w_yh, w_hy, act, out_act, y0, h, y, plan)
+
+
+def persistent_jordan_forward(codes, plan, y0, stream, d):
+    """The Jordan forward sweep in one launch; returns y_n, or None when the device refused the launch.
+    d: device views of (xw, w_yh, w_hy, b_y, lengths, h, y)."""
+    xp = array_module()
+    T, B, O = d[6].shape
+    ybuf = xp.empty((2, B, O), y0.dtype)                                  # the state, double buffered
+    args = (*codes, plan.units, plan.out_units, plan.forward.tiles, plan.forward.splits, *d[:5],
+            device_view(xp.ascontiguousarray(y0)[None]), device_view(ybuf), *d[5:])
+    ok = launch_persistent(build_jordan(y0.dtype.type).forward, plan.forward, stream, args)
+    return ybuf[T % 2] if ok else None
+
+
+def step_jordan_forward(codes, w_yh, w_hy, y0, h, stream, d):
+    """Per step: GEMM y_{t-1} @ W_yh.T, kernel h_t, GEMM h_t @ W_hy.T, kernel y_t; returns y_n.
+    d: device views of (xw, w_yh, w_hy, b_y, lengths, h, y)."""
+    xp = array_module()
+    K = build(y0.dtype.type)
+    T, B, H = h.shape
+    O = w_hy.shape[0]
+    state = xp.array(y0, copy=True)                                       # (B, O) y of the last valid step
+    hy = xp.empty((B, H), y0.dtype)
+    py = xp.empty((B, O), y0.dtype)
+    xw_d, by_d, len_d, h_d, y_d = d[0], d[3], d[4], d[5], d[6]
+    hy_d, py_d, st_d = (device_view(a) for a in (hy, py, state))
+    hidden = K.jordan_hidden[blocks(B * H), threads(), stream]
+    output = K.jordan_output[blocks(B * O), threads(), stream]
+    for t in range(T):
+        xp.matmul(state, w_yh.T, out=hy)
+        hidden(codes[0], t, xw_d, hy_d, len_d, h_d)
+        xp.matmul(h[t], w_hy.T, out=py)
+        output(codes[1], t, py_d, by_d, len_d, y_d, st_d)
+    return state
 
 
 def jordan_backward(ctx, dy, dy_n):
-    """Per step, t = T-1..0: kernel dpy_t, GEMM dpy_t @ W_hy, kernel dph_t, GEMM dph_t @ W_yh."""
+    xp = array_module()
+    T, B, H = ctx.h.shape
+    O = ctx.y.shape[2]
+    plan = getattr(ctx, "plan", None) or numba_plan.Plan("step")
+    with on_device_of(dy):
+        dy = xp.ascontiguousarray(dy)
+        dph = xp.zeros((T, B, H), dy.dtype)
+        dpy = xp.zeros((T, B, O), dy.dtype)
+        carry = xp.array(dy_n, copy=True)                                 # (B, O) dL/dy_state across padding
+        codes = ACT_CODES[ctx.act], ACT_CODES[ctx.out_act]
+        stream = launch_stream()
+        d = [device_view(a) for a in (dy, ctx.y, ctx.h, ctx.lengths, carry, dph, dpy)]
+        if plan.sweep == "persistent":
+            args = (*codes, plan.units, plan.out_units, plan.backward.tiles, plan.backward.splits,
+                    device_view(ctx.w_yh), device_view(ctx.w_hy), d[3], d[0], d[1], d[2], *d[4:])
+            if launch_persistent(build_jordan(dy.dtype.type).backward, plan.backward, stream, args):
+                return dph, dpy, carry
+        return dph, dpy, carry + step_jordan_backward(codes, ctx, dph, dpy, stream, d)
+
+
+def step_jordan_backward(codes, ctx, dph, dpy, stream, d):
+    """Per step, t = T-1..0: kernel dpy_t, GEMM dpy_t @ W_hy, kernel dph_t, GEMM dph_t @ W_yh; returns
+    dph[0] @ W_yh, the part of dL/dy0 not yet in carry. d: device views of (dy, y, h, lengths, carry, dph, dpy)."""
     xp = array_module()
     K = build(ctx.y.dtype.type)
     T, B, H = ctx.h.shape
     O = ctx.y.shape[2]
-    dy = xp.ascontiguousarray(dy)
-    dph = xp.zeros((T, B, H), dy.dtype)
-    dpy = xp.zeros((T, B, O), dy.dtype)
-    carry = xp.array(dy_n, copy=True)                                     # (B, O) dL/dy_state across padding
-    dsum = xp.zeros((B, O), dy.dtype)                                     # dph[t+1] @ W_yh
-    dhh = xp.empty((B, H), dy.dtype)                                      # dpy[t] @ W_hy
-    stream = launch_stream()
-    dy_d, y_d, h_d, len_d, carry_d, dsum_d, dhh_d, dph_d, dpy_d = (
-        device_view(a) for a in (dy, ctx.y, ctx.h, ctx.lengths, carry, dsum, dhh, dph, dpy))
+    dsum = xp.zeros((B, O), dph.dtype)                                    # dph[t+1] @ W_yh
+    dhh = xp.empty((B, H), dph.dtype)                                     # dpy[t] @ W_hy
+    dsum_d, dhh_d = device_view(dsum), device_view(dhh)
+    dy_d, y_d, h_d, len_d, carry_d, dph_d, dpy_d = d
     output = K.jordan_output_backward[blocks(B * O), threads(), stream]
     hidden = K.jordan_hidden_backward[blocks(B * H), threads(), stream]
-    act_code, out_code = ACT_CODES[ctx.act], ACT_CODES[ctx.out_act]
     for t in range(T - 1, -1, -1):
-        output(out_code, t, dy_d, y_d, len_d, carry_d, dsum_d, dpy_d)
+        output(codes[1], t, dy_d, y_d, len_d, carry_d, dsum_d, dpy_d)
         xp.matmul(dpy[t], ctx.w_hy, out=dhh)
-        hidden(act_code, t, dhh_d, h_d, dph_d)
+        hidden(codes[0], t, dhh_d, h_d, dph_d)
         xp.matmul(dph[t], ctx.w_yh, out=dsum)
-    return dph, dpy, carry + dsum
+    return dsum

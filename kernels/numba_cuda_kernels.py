@@ -231,7 +231,8 @@ def build(dtype):
         if b < B:
             dph[t, b, j] = dhh[b, j] * activate_grad(act, h[t, b, j])
 
-    return SimpleNamespace(inputs=inputs, unit_forward=unit_forward, unit_backward=unit_backward,
+    return SimpleNamespace(activate=activate, activate_grad=activate_grad,
+                           inputs=inputs, unit_forward=unit_forward, unit_backward=unit_backward,
                            step_forward=step_forward, step_backward=step_backward,
                            jordan_hidden=jordan_hidden, jordan_output=jordan_output,
                            jordan_output_backward=jordan_output_backward,

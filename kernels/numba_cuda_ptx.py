@@ -6,7 +6,7 @@ prints one line per (target, dtype, kernel): `sm_90 float32 step_forward f64_ops
 (f64_ops: PTX instructions on float64, which a float32 kernel must not have), and exits 1 on the first
 compile error or when a kernel's PTX has no `.entry` naming it. The per-step kernels take the cell as an
 argument, so one compile per kernel and dtype covers every cell; the persistent kernels are built per cell
-(`persistent_forward_lstm`, ...). Needs NVVM and libdevice (a CUDA toolkit or NVIDIA's wheels).
+(`persistent_forward_lstm`, ..., `persistent_jordan_forward`). Needs NVVM and libdevice (a CUDA toolkit or NVIDIA's wheels).
 """
 import sys
 from types import SimpleNamespace
@@ -15,7 +15,7 @@ import numpy as np
 from numba import cuda, float32, float64, int32, int64
 
 from .numba_cuda_kernels import CELL_CODES, build
-from .numba_persistent import build as build_persistent
+from .numba_persistent import build as build_persistent, build_jordan
 
 PERSISTENT_CELLS = {"elman": CELL_CODES["rnn_tanh"], "lstm": CELL_CODES["lstm"], "gru": CELL_CODES["gru"]}
 
@@ -28,6 +28,8 @@ def signatures(F):
         "step_backward": (i, i, i, a2, a2, a3, a3, a2, a3, a3, a2, a3, lens, a2, a3, a3),
         "persistent_forward": (i, i, i, i, a3, a2, a1, lens, a3, a3, a2, a3, a3, a3, a3),
         "persistent_backward": (i, i, i, i, a2, lens, a2, a3, a3, a2, a3, a3, a2, a3, a2, a3, a3),
+        "persistent_jordan_forward": (i, i, i, i, i, i, a3, a2, a2, a1, lens, a3, a3, a3, a3),
+        "persistent_jordan_backward": (i, i, i, i, i, i, a2, a2, lens, a3, a3, a3, a2, a3, a3),
         "jordan_hidden": (i, i, a3, a2, lens, a3),
         "jordan_output": (i, i, a2, a1, lens, a3, a2),
         "jordan_output_backward": (i, i, a3, a3, lens, a2, a2, a3),
@@ -47,6 +49,9 @@ def kernels(dtype):
     sigs = signatures(float32 if dtype == np.float32 else float64)
     step = build(dtype)
     found = {name: (getattr(step, name), sig) for name, sig in sigs.items() if not name.startswith("persistent")}
+    jordan = build_jordan(dtype)
+    found["persistent_jordan_forward"] = (jordan.forward, sigs["persistent_jordan_forward"])
+    found["persistent_jordan_backward"] = (jordan.backward, sigs["persistent_jordan_backward"])
     for cell, code in PERSISTENT_CELLS.items():
         persistent = build_persistent(dtype, code)
         found[f"persistent_forward_{cell}"] = (persistent.forward, sigs["persistent_forward"])

@@ -1,4 +1,5 @@
-"""Persistent sweeps: all T steps of one layer and direction in one cooperative launch, built per (dtype, cell).
+"""Persistent sweeps: all T steps of one layer and direction in one cooperative launch, built per (dtype, cell);
+the Jordan network's at the end (build_jordan).
 
 Block k of the grid owns hidden units j0 = k*units .. min(H, j0 + units) - 1 and keeps, for the whole launch, its
 slice of W_hh (forward: the G*units rows of its units; backward: the `units` columns of W_hh, i.e. rows of
@@ -181,11 +182,43 @@ def block_ops(dtype):
     @cuda.jit(**jit_options())
     def share(units, H, per_group):
         """(first unit, units, lane groups, units padded to whole groups) of this block: it owns units first ..
-        first + units - 1 of H, `units` per block (the last block fewer); W slices are padded with 0 rows."""
+        first + units - 1 of H, `units` per block (the last blocks fewer, or none); W slices are padded with 0."""
         first = U32(U32(cuda.blockIdx.x) * units)
-        count = U32(min(units, U32(H - first)))
+        count = U32(min(units, U32(H - first))) if first < H else U32(0)
         return (first, count, U32((count + per_group - 1) // per_group),
                 U32((units + per_group - 1) // per_group * per_group))
+
+    @cuda.jit(**jit_options())
+    def load_rows(sm, offset, w, first, count, padded, K, tid, threads):
+        """Rows first .. first+padded-1 of w (n, K), 0 from row first+count on, in lane groups of 4 rows:
+        sm[offset + 4*((r // 4)*K + k) + r % 4] = w[first + r, k]. Read along k (coalesced)."""
+        e = tid
+        while e < padded * K:
+            r = U32(e // K)
+            k = U32(e - r * K)
+            v = w[first + r, k] if r < count else F(0)
+            sm[U32(offset + FOUR * (r // FOUR * K + k) + r % FOUR)] = v
+            e = U32(e + threads)
+
+    @cuda.jit(**jit_options())
+    def load_columns(sm, offset, w, first, count, padded, K, tid, threads):
+        """Columns first .. first+padded-1 of w (K, n) as rows of w^T, 0 from column first+count on, in lane
+        groups of 4: sm[offset + 4*((c // 4)*K + k) + c % 4] = w[k, first + c]. Read along the rows of w."""
+        e = tid
+        while e < K * padded:
+            k = U32(e // padded)
+            c = U32(e - k * padded)
+            v = w[k, first + c] if c < count else F(0)
+            sm[U32(offset + FOUR * (c // FOUR * K + k) + c % FOUR)] = v
+            e = U32(e + threads)
+
+    @cuda.jit(**jit_options())
+    def item_at(base, warp, S, groups, count):
+        """(item, active, split, tile, group) of this warp in the round starting at item `base`, of `count`:
+        item = (tile*groups + group)*S + split."""
+        item = U32(base + warp)
+        tile = U32(item // S // groups)
+        return item, item < count, U32(item % S), tile, U32(item // S - tile * groups)
 
     @cuda.jit(**jit_options())
     def stage(sm, src, plane, B, K, row0, rows, xq0, tid, threads):
@@ -200,7 +233,8 @@ def block_ops(dtype):
             sm[U32(BT_ * (xq0 + r // BT_ * K + k) + r % BT_)] = v
             e = U32(e + threads)
 
-    return SimpleNamespace(thread_place=thread_place, share=share, stage=stage)
+    return SimpleNamespace(thread_place=thread_place, share=share, load_rows=load_rows, load_columns=load_columns,
+                           item_at=item_at, stage=stage)
 
 
 @functools.lru_cache(maxsize=None)
@@ -247,7 +281,8 @@ def build(dtype, cell):
     UPT = units_per_group(G, False)
     R = rows_per_group(G, False)
     G_, UPT_, R_ = U32(G), U32(UPT), U32(R)
-    place, share, stage = block_ops(dtype).thread_place, block_ops(dtype).share, block_ops(dtype).stage
+    ops = block_ops(dtype)
+    place, share, stage, item_at, load_columns = ops.thread_place, ops.share, ops.stage, ops.item_at, ops.load_columns
     fwd, bwd = item_ops(dtype, R, UPT == 1), item_ops(dtype, 4, False)
     forward_sums, backward_sums = fwd.item_sums, bwd.item_sums
     NF, ACC_F, ACC_B, NS_F = fwd.local_type, fwd.acc_size, bwd.acc_size, fwd.n   # local array sizes: constants
@@ -292,11 +327,7 @@ def build(dtype, cell):
                       U32(nt * BT_), xq0, tid, nthreads)
                 cuda.syncthreads()
                 for base in range(0, nt * groups * S, nwarps):  # rounds: every warp runs each one
-                    item = U32(base + warp)
-                    active = item < nt * groups * S
-                    split = U32(item % S)
-                    ts = U32(item // S // groups)
-                    ug = U32(item // S - ts * groups)
+                    item, active, split, ts, ug = item_at(base, warp, S, groups, nt * groups * S)
                     xq = U32(xq0 + ts * H)
                     # LSTM, GRU: lane 8*bb gets the G gates of unit ug; Elman: lane 8*bb + 2*uu unit 4*ug + uu
                     uu = U32(0 if UPT == 1 else lane // 2 % 4)
@@ -341,14 +372,7 @@ def build(dtype, cell):
         xq0 = U32(padded // FOUR * GH)                          # the staged dgates start at element BT*xq0
         red = U32(BT_ * (xq0 + U32(tiles) * GH))                # the partial sums of split items start here
         sm = cuda.shared.array(0, dtype=dy.dtype)
-        # W^T slice: sm[4*(cg*GH + gj) + r] = w_hh[gj, k0 + 4*cg + r]; read along the rows of W_hh
-        e = tid
-        while e < GH * padded:
-            gj = U32(e // padded)
-            col = U32(e - gj * padded)
-            v = w_hh[gj, k0 + col] if col < nk else F(0)
-            sm[U32(FOUR * (col // FOUR * GH + gj) + col % FOUR)] = v
-            e = U32(e + nthreads)
+        load_columns(sm, U32(0), w_hh, k0, nk, padded, GH, tid, nthreads)   # sm[4*(cg*GH + gj) + r]: W_hh^T
         ntiles = U32((B + BT_ - 1) // BT_)
         acc = cuda.local.array(ACC_B, NF)
         sums = cuda.local.array(1, NF)
@@ -363,11 +387,7 @@ def build(dtype, cell):
                     stage(sm, dgh, t + 1, B, GH, U32(tile0 * BT_), U32(nt * BT_), xq0, tid, nthreads)
                     cuda.syncthreads()
                 for base in range(0, nt * groups * S, nwarps):
-                    item = U32(base + warp)
-                    active = item < nt * groups * S
-                    split = U32(item % S)
-                    ts = U32(item // S // groups)
-                    cg = U32(item // S - ts * groups)
+                    item, active, split, ts, cg = item_at(base, warp, S, groups, nt * groups * S)
                     backward_sums(sm, active and t + 1 < T, split, S, U32(cg * GH), U32(xq0 + ts * GH), GH, lane,
                                   warp, red, acc, sums)
                     # lane 8*bb + 2*r: column 4*cg + r, batch row bb
@@ -384,5 +404,176 @@ def build(dtype, cell):
                         cuda.syncthreads()
             if t >= 0:
                 grid.sync()
+
+    return SimpleNamespace(forward=forward, backward=backward)
+
+
+@functools.lru_cache(maxsize=None)
+def build_jordan(dtype):
+    """SimpleNamespace(forward, backward): the persistent Jordan kernels. Each step is two matvec phases with a
+    grid barrier after each: hidden units (K = O) then outputs (K = H); block k owns hidden units j0 = k*units ..
+    and outputs o0 = k*out_units .., in lane groups of 4 rows as the Elman forward (reduce_scatter). Shared memory
+    (elements): [A slice: ceil(units/4)*4*O or ceil(out_units/4)*4*H][B slice][staged: tiles*BT*max(H, O)]
+    [partials: threads, when splits > 1]; act, out_act: activation codes of h and y."""
+    F = np.dtype(dtype).type
+    cells = build_cells(dtype)
+    activate, activate_grad = cells.activate, cells.activate_grad
+    ops = block_ops(dtype)
+    place, share, stage, item_at = ops.thread_place, ops.share, ops.stage, ops.item_at
+    load_rows, load_columns = ops.load_rows, ops.load_columns
+    scatter = item_ops(dtype, 4, False)
+    sums_of, NF, ACC = scatter.item_sums, scatter.local_type, scatter.acc_size
+
+    @cuda.jit(**jit_options())
+    def layout(units, out_units, H, O, tiles):
+        """This block's hidden units (j0, nj, groups, padded), outputs (o0, no, groups, padded), and where the
+        staged vector (BT*xq0) and the partial sums (red) start: after the two slices, hpad*O + opad*H elements."""
+        j0, nj, hgroups, hpad = share(units, H, FOUR)
+        o0, no, ogroups, opad = share(out_units, O, FOUR)
+        xq0 = U32((hpad * O + opad * H) // BT_)
+        red = U32(BT_ * (xq0 + tiles * max(H, O)))
+        return j0, nj, hgroups, hpad, o0, no, ogroups, opad, xq0, red
+
+    @cuda.jit(**jit_options(np.dtype(dtype).itemsize))
+    def forward(act, out_act, units, out_units, tiles, splits, xw, w_yh, w_hy, b_y, lengths, y0, ybuf, h, y):
+        """All T steps: h_t = act(xw_t + y_{t-1} W_yh^T), y_t = out_act(h_t W_hy^T + b_y).
+
+        xw: (T, B, H)  w_yh: (H, O)  w_hy: (O, H)  b_y: (O,)  lengths: (B,) int32  y0: (1, B, O)
+        ybuf: (2, B, O) the state (y of the last valid step): step t reads y0 (t = 0) or ybuf[t % 2] and writes
+        ybuf[(t+1) % 2]  h: (T, B, H), y: (T, B, O), 0 at padded steps
+        """
+        T = xw.shape[0]
+        B = U32(y.shape[1])
+        H = U32(xw.shape[2])
+        O = U32(y.shape[2])
+        S = U32(splits)
+        tid, lane, warp, nwarps, nthreads = place()
+        j0, nj, hgroups, hpad, o0, no, ogroups, opad, xq0, red = layout(U32(units), U32(out_units), H, O,
+                                                                        U32(tiles))
+        second = U32(hpad * O)
+        sm = cuda.shared.array(0, dtype=xw.dtype)
+        load_rows(sm, U32(0), w_yh, j0, nj, hpad, O, tid, nthreads)      # W_yh rows: sm[4*(g*O + o) + r]
+        load_rows(sm, second, w_hy, o0, no, opad, H, tid, nthreads)      # W_hy rows: sm[second + 4*(g*H + j) + r]
+        ntiles = U32((B + BT_ - 1) // BT_)
+        acc = cuda.local.array(ACC, NF)
+        sums = cuda.local.array(1, NF)
+        grid = cuda.cg.this_grid()
+        r = U32(lane // 2 % 4)                                  # lane 8*bb + 2*r: row 4*group + r, batch row bb
+        for t in range(T):
+            for tile0 in range(0, ntiles, tiles):               # h_t = act(xw_t + state W_yh^T): K = O
+                nt = U32(min(U32(tiles), U32(ntiles - tile0)))
+                if t == 0 or tile0 > 0:
+                    cuda.syncthreads()
+                stage(sm, y0 if t == 0 else ybuf, 0 if t == 0 else t % 2, B, O, U32(tile0 * BT_), U32(nt * BT_),
+                      xq0, tid, nthreads)
+                cuda.syncthreads()
+                for base in range(0, nt * hgroups * S, nwarps):
+                    item, active, split, ts, g = item_at(base, warp, S, hgroups, nt * hgroups * S)
+                    b = U32((tile0 + ts) * BT_ + lane // 8)
+                    j = U32(j0 + g * FOUR + r)
+                    writes = active and split == 0 and lane % 2 == 0 and j < j0 + nj and b < B
+                    x = xw[t, b, j] if writes else F(0)
+                    sums_of(sm, active, split, S, U32(g * O), U32(xq0 + ts * O), O, lane, warp, red, acc, sums)
+                    if writes:
+                        h[t, b, j] = activate(act, x + sums[0]) if t < lengths[b] else F(0)
+                    if S > 1:
+                        cuda.syncthreads()
+            grid.sync()
+            for tile0 in range(0, ntiles, tiles):               # y_t = out_act(h_t W_hy^T + b_y): K = H
+                nt = U32(min(U32(tiles), U32(ntiles - tile0)))
+                if tile0 > 0:
+                    cuda.syncthreads()
+                stage(sm, h, t, B, H, U32(tile0 * BT_), U32(nt * BT_), xq0, tid, nthreads)
+                cuda.syncthreads()
+                for base in range(0, nt * ogroups * S, nwarps):
+                    item, active, split, ts, g = item_at(base, warp, S, ogroups, nt * ogroups * S)
+                    b = U32((tile0 + ts) * BT_ + lane // 8)
+                    o = U32(o0 + g * FOUR + r)
+                    writes = active and split == 0 and lane % 2 == 0 and o < o0 + no and b < B
+                    sums_of(sm, active, split, S, U32(second // FOUR + g * H), U32(xq0 + ts * H), H, lane, warp,
+                            red, acc, sums)
+                    if writes:
+                        v = activate(out_act, sums[0] + b_y[o])
+                        valid = t < lengths[b]
+                        y[t, b, o] = v if valid else F(0)
+                        ybuf[1 - t % 2, b, o] = v if valid else (y0[0, b, o] if t == 0 else ybuf[t % 2, b, o])
+                    if S > 1:
+                        cuda.syncthreads()
+            if t + 1 < T:
+                grid.sync()
+
+    @cuda.jit(**jit_options(np.dtype(dtype).itemsize))
+    def backward(act, out_act, units, out_units, tiles, splits, w_yh, w_hy, lengths, dy, y, h, carry, dph, dpy):
+        """All T backward steps, t = T-1 .. 0, then dL/dy0.
+
+        Per step: outputs (K = H): s = carry + dph[t+1] @ W_yh; at a valid step dpy[t] = (s + dy[t]) out_act'(y[t])
+        and carry = 0, else carry = s (y_t feeds the loss and the next step); hidden units (K = O): dph[t] =
+        (dpy[t] @ W_hy) act'(h[t]). Step t = -1 only adds dph[0] @ W_yh to carry, which is then dL/dy0.
+        w_yh: (H, O)  w_hy: (O, H)  lengths: (B,) int32  dy, y, dpy: (T, B, O)  h, dph: (T, B, H)
+        carry: (B, O) dL/dy_n on entry, dL/dy0 on exit. dph and dpy arrive zeroed.
+        """
+        T = dy.shape[0]
+        B = U32(dy.shape[1])
+        O = U32(dy.shape[2])
+        H = U32(h.shape[2])
+        S = U32(splits)
+        tid, lane, warp, nwarps, nthreads = place()
+        j0, nj, hgroups, hpad, o0, no, ogroups, opad, xq0, red = layout(U32(units), U32(out_units), H, O,
+                                                                        U32(tiles))
+        second = U32(opad * H)
+        sm = cuda.shared.array(0, dtype=dy.dtype)
+        load_columns(sm, U32(0), w_yh, o0, no, opad, H, tid, nthreads)   # W_yh^T rows: sm[4*(g*H + j) + r]
+        load_columns(sm, second, w_hy, j0, nj, hpad, O, tid, nthreads)  # W_hy^T rows: sm[second + 4*(g*O + o) + r]
+        ntiles = U32((B + BT_ - 1) // BT_)
+        acc = cuda.local.array(ACC, NF)
+        sums = cuda.local.array(1, NF)
+        grid = cuda.cg.this_grid()
+        r = U32(lane // 2 % 4)
+        for step in range(T + 1):
+            t = T - 1 - step
+            for tile0 in range(0, ntiles, tiles):               # dpy[t] from dph[t+1] @ W_yh: K = H
+                nt = U32(min(U32(tiles), U32(ntiles - tile0)))
+                if step == 0 or tile0 > 0:
+                    cuda.syncthreads()
+                if t + 1 < T:
+                    stage(sm, dph, t + 1, B, H, U32(tile0 * BT_), U32(nt * BT_), xq0, tid, nthreads)
+                    cuda.syncthreads()
+                for base in range(0, nt * ogroups * S, nwarps):
+                    item, active, split, ts, g = item_at(base, warp, S, ogroups, nt * ogroups * S)
+                    b = U32((tile0 + ts) * BT_ + lane // 8)
+                    o = U32(o0 + g * FOUR + r)
+                    sums_of(sm, active and t + 1 < T, split, S, U32(g * H), U32(xq0 + ts * H), H, lane, warp, red,
+                            acc, sums)
+                    if active and split == 0 and lane % 2 == 0 and o < o0 + no and b < B:
+                        s = carry[b, o] + sums[0]
+                        if t >= 0 and t < lengths[b]:
+                            # y = out_act(py):  dpy = (ds + dy) out_act'(py), written from y
+                            dpy[t, b, o] = (s + dy[t, b, o]) * activate_grad(out_act, y[t, b, o])
+                            carry[b, o] = F(0)
+                        else:
+                            carry[b, o] = s
+                    if S > 1:
+                        cuda.syncthreads()
+            if t < 0:
+                return
+            grid.sync()
+            for tile0 in range(0, ntiles, tiles):               # dph[t] = (dpy[t] @ W_hy) act'(h[t]): K = O
+                nt = U32(min(U32(tiles), U32(ntiles - tile0)))
+                if tile0 > 0:
+                    cuda.syncthreads()
+                stage(sm, dpy, t, B, O, U32(tile0 * BT_), U32(nt * BT_), xq0, tid, nthreads)
+                cuda.syncthreads()
+                for base in range(0, nt * hgroups * S, nwarps):
+                    item, active, split, ts, g = item_at(base, warp, S, hgroups, nt * hgroups * S)
+                    b = U32((tile0 + ts) * BT_ + lane // 8)
+                    j = U32(j0 + g * FOUR + r)
+                    sums_of(sm, active, split, S, U32(second // FOUR + g * O), U32(xq0 + ts * O), O, lane, warp,
+                            red, acc, sums)
+                    if active and split == 0 and lane % 2 == 0 and j < j0 + nj and b < B:
+                        # h = act(ph), ph = xw + y_prev W_yh^T:  dph = dhh act'(ph), written from h
+                        dph[t, b, j] = sums[0] * activate_grad(act, h[t, b, j])
+                    if S > 1:
+                        cuda.syncthreads()
+            grid.sync()
 
     return SimpleNamespace(forward=forward, backward=backward)

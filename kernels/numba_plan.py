@@ -24,6 +24,7 @@ session replaces them with measured values, see docs/PERFORMANCE.md):
 - per-step: max(host time of its launches, device time of the GEMM (W_hh streamed from memory, or its FLOPs)
   + POINTWISE_KERNEL_S).
 """
+import dataclasses
 from dataclasses import dataclass
 
 from .numba_persistent import BT, MAX_THREADS, WARP, rows_per_group, sums_per_lane, units_per_group
@@ -117,6 +118,7 @@ class Plan:
     forward: Launch = None
     backward: Launch = None
     reason: str = ""
+    out_units: int = 0        # Jordan: outputs per block
 
 
 def ceil_div(a, b):
@@ -151,32 +153,32 @@ def persistent_layout(B, H, G, itemsize, device):
 
 
 def layout_launch(B, H, G, itemsize, device, units, backward):
-    """The Launch of one direction with `units` per block and as many batch tiles as fit, or None.
+    """The Launch of one direction with `units` per block and as many batch tiles as fit, or None."""
+    def shared(tiles, threads=0, splits=1):
+        return shared_elements(backward, G, H, units, tiles, threads, splits)
+    groups = ceil_div(units, 4 if backward else units_per_group(G, False))
+    return fitted_launch(B, ceil_div(H, units), groups, G * H if backward else H, itemsize, device, shared)
 
-    Warps: one per item (tile x lane group) up to the block's limit; when there are fewer items than that,
-    each dot product is split over `splits` warps, as long as each lane keeps MIN_K_PER_LANE products."""
-    fits = [t for t in range(ceil_div(B, BT), 0, -1)
-            if shared_elements(backward, G, H, units, t) * itemsize <= device.shared_per_block]
+
+def fitted_launch(B, blocks, groups, K, itemsize, device, shared):
+    """The Launch with as many batch tiles as fit in shared memory (shared(tiles, threads, splits): elements), or
+    None. Warps: one per item (tile x lane group) up to the block's limit; with fewer items than that, each dot
+    product (of length K) is split over `splits` warps, as long as each lane keeps MIN_K_PER_LANE products."""
+    fits = [t for t in range(ceil_div(B, BT), 0, -1) if shared(t) * itemsize <= device.shared_per_block]
     if not fits:
         return None
     tiles = fits[0]
-    items = tiles * ceil_div(units, 4 if backward else units_per_group(G, False))
+    items = tiles * groups
     max_warps = min(device.max_threads, MAX_THREADS) // WARP
-    K = G * H if backward else H
     splits = max(1, min(max_warps // items, ceil_div(K, WARP * MIN_K_PER_LANE) if MIN_K_PER_LANE else max_warps))
     warps = items * splits if splits > 1 else min(items, max_warps)
-    shared = shared_elements(backward, G, H, units, tiles, warps * WARP, splits)
-    if shared * itemsize > device.shared_per_block:
+    if shared(tiles, warps * WARP, splits) * itemsize > device.shared_per_block:
         splits, warps = 1, min(items, max_warps)
-        shared = shared_elements(backward, G, H, units, tiles)
-    return Launch(ceil_div(H, units), warps * WARP, shared * itemsize, tiles, splits)
+    return Launch(blocks, warps * WARP, shared(tiles, warps * WARP, splits) * itemsize, tiles, splits)
 
 
-def persistent_step_seconds(B, H, G, itemsize, device, units, launch, backward):
-    """Estimated time of one step of a persistent sweep in one direction."""
-    K = G * H if backward else H                        # length of each dot product
-    R = rows_per_group(G, backward)
-    groups = ceil_div(units, 4 if backward else units_per_group(G, False))
+def phase_seconds(B, K, R, groups, itemsize, device, launch):
+    """Estimated time of one matvec phase of one step: dot products of length K, lane groups of R rows."""
     passes = ceil_div(ceil_div(B, BT), launch.tiles)
     warps = launch.threads // WARP
     items_per_warp = ceil_div(launch.tiles * groups * launch.splits, warps)
@@ -186,36 +188,83 @@ def persistent_step_seconds(B, H, G, itemsize, device, units, launch, backward):
     item_clocks = fma_clocks + ITEM_OVERHEAD_CLOCKS + (SPLIT_OVERHEAD_CLOCKS if launch.splits > 1 else 0)
     warp_clocks = items_per_warp * item_clocks * max(1, warps / SCHEDULERS_PER_SM)
     stage_clocks = launch.tiles * BT * K * itemsize / L2_BYTES_PER_SM_CLOCK
-    return GRID_BARRIER_S + passes * (warp_clocks + stage_clocks) / device.clock_hz
+    return passes * (warp_clocks + stage_clocks) / device.clock_hz
+
+
+def persistent_step_seconds(B, H, G, itemsize, device, units, launch, backward):
+    """Estimated time of one step of a persistent sweep in one direction."""
+    groups = ceil_div(units, 4 if backward else units_per_group(G, False))
+    K = G * H if backward else H
+    return GRID_BARRIER_S + phase_seconds(B, K, rows_per_group(G, backward), groups, itemsize, device, launch)
+
+
+def gemm_seconds(rows, K, N, itemsize, device):
+    """Estimated device time of a (rows, K) x (K, N) product: the weights streamed from memory, or the FLOPs."""
+    return max(K * N * itemsize / device.memory_bytes_per_s,
+               rows * K * N / (device.sms * device.fma_per_sm_clock[itemsize] * device.clock_hz)) / GEMM_EFFICIENCY
 
 
 def step_step_seconds(B, H, G, itemsize, device):
     """Estimated time of one step of the per-step sweep in one direction (host launches overlap the device)."""
-    gemm = max(G * H * H * itemsize / device.memory_bytes_per_s,
-               B * G * H * H / (device.sms * device.fma_per_sm_clock[itemsize] * device.clock_hz)) / GEMM_EFFICIENCY
-    return max(HOST_LAUNCHES_PER_STEP * HOST_LAUNCH_S, gemm + POINTWISE_KERNEL_S)
+    return max(HOST_LAUNCHES_PER_STEP * HOST_LAUNCH_S, gemm_seconds(B, H, G * H, itemsize, device) + POINTWISE_KERNEL_S)
+
+
+def choose(sweep, layout, device, t_persistent, t_step):
+    """The Plan: `layout` (a Plan, or a string saying why there is none) against the per-step sweep."""
+    if sweep not in SWEEPS:
+        raise ValueError(f"sweep must be one of {', '.join(map(repr, SWEEPS))}; got {sweep!r}")
+    if sweep == "step":
+        return Plan("step", reason="sweep='step' requested")
+    if isinstance(layout, str):
+        if sweep == "persistent":
+            raise ValueError(f"sweep='persistent' cannot run on {device.name}: {layout}; use sweep='step' or 'auto'")
+        return Plan("step", reason=layout)
+    if sweep == "persistent":
+        return dataclasses.replace(layout, reason="sweep='persistent' requested")
+    why = f"estimated {t_persistent() * 1e6:.1f} us per step persistent, {t_step() * 1e6:.1f} us per-step"
+    return dataclasses.replace(layout, reason=why) if t_persistent() <= t_step() else Plan("step", reason=why)
 
 
 def plan(sweep, B, H, G, itemsize, device):
     """The Plan for a sweep of batch B, hidden size H, G gates, `itemsize`-byte floats on `device`.
 
     sweep: "auto" (the cost model decides), "persistent" (ValueError when W_hh does not fit on chip) or "step"."""
-    if sweep not in SWEEPS:
-        raise ValueError(f"sweep must be one of {', '.join(map(repr, SWEEPS))}; got {sweep!r}")
-    if sweep == "step":
-        return Plan("step", reason="sweep='step' requested")
-    layout = persistent_layout(B, H, G, itemsize, device)
-    if isinstance(layout, str):
-        if sweep == "persistent":
-            raise ValueError(f"sweep='persistent' cannot run on {device.name}: {layout}; use sweep='step' or 'auto'")
-        return Plan("step", reason=layout)
-    units, fwd, bwd = layout
-    if sweep == "persistent":
-        return Plan("persistent", units, fwd, bwd, "sweep='persistent' requested")
-    t_persistent = sum(persistent_step_seconds(B, H, G, itemsize, device, units, launch, backward)
-                       for launch, backward in ((fwd, False), (bwd, True)))
-    t_step = 2 * step_step_seconds(B, H, G, itemsize, device)
-    why = f"estimated {t_persistent * 1e6:.1f} us per step persistent, {t_step * 1e6:.1f} us per-step"
-    if t_persistent <= t_step:
-        return Plan("persistent", units, fwd, bwd, why)
-    return Plan("step", reason=why)
+    layout = persistent_layout(B, H, G, itemsize, device) if sweep in ("auto", "persistent") else ""
+    if not isinstance(layout, str):
+        layout = Plan("persistent", *layout)
+
+    def t_persistent():
+        return sum(persistent_step_seconds(B, H, G, itemsize, device, layout.units, launch, backward)
+                   for launch, backward in ((layout.forward, False), (layout.backward, True)))
+    return choose(sweep, layout, device, t_persistent, lambda: 2 * step_step_seconds(B, H, G, itemsize, device))
+
+
+def jordan_shared_elements(H, O, units, out_units, tiles, threads=0, splits=1):
+    """Elements of dynamic shared memory of a persistent Jordan kernel (numba_persistent.build_jordan)."""
+    slices = ceil_div(units, 4) * 4 * O + ceil_div(out_units, 4) * 4 * H
+    return slices + tiles * BT * max(H, O) + (threads if splits > 1 else 0)
+
+
+def jordan_plan(sweep, B, H, O, itemsize, device):
+    """The Plan of a Jordan sweep (hidden size H, output size O); Plan.units: hidden units per block,
+    Plan.out_units: outputs per block. The forward and backward kernels have the same layout and Launch."""
+    layout = "the device has no cooperative launch" if not device.cooperative else ""
+    if device.cooperative and sweep in ("auto", "persistent"):
+        units, out_units = (ceil_div(ceil_div(n, device.sms), UNIT_QUANTUM) * UNIT_QUANTUM for n in (H, O))
+        launch = fitted_launch(B, max(ceil_div(H, units), ceil_div(O, out_units)),
+                               max(ceil_div(units, 4), ceil_div(out_units, 4)), min(H, O), itemsize, device,
+                               lambda *a: jordan_shared_elements(H, O, units, out_units, *a))
+        layout = (Plan("persistent", units, launch, launch, out_units=out_units) if launch else
+                  f"W_yh's and W_hy's slices and one batch tile need "
+                  f"{jordan_shared_elements(H, O, units, out_units, 1) * itemsize} bytes of shared memory per "
+                  f"block, more than the device's {device.shared_per_block}")
+
+    def t_persistent():   # two phases, two grid barriers per step, in each direction
+        phases = (phase_seconds(B, O, 4, ceil_div(units, 4), itemsize, device, launch) +
+                  phase_seconds(B, H, 4, ceil_div(out_units, 4), itemsize, device, launch))
+        return 2 * (2 * GRID_BARRIER_S + phases)
+
+    def t_step():         # per step: 2 GEMMs and 2 pointwise kernels, in each direction
+        gemms = gemm_seconds(B, O, H, itemsize, device) + gemm_seconds(B, H, O, itemsize, device)
+        return 2 * max(2 * HOST_LAUNCHES_PER_STEP * HOST_LAUNCH_S, gemms + 2 * POINTWISE_KERNEL_S)
+    return choose(sweep, layout, device, t_persistent, t_step)

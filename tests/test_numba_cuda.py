@@ -80,22 +80,28 @@ def test_inference_returns_no_ctx_and_same_output(cell):
         np.testing.assert_allclose(to_numpy(a), b, **TOL[np.float64])
 
 
+@pytest.mark.parametrize("sweep", ["step", "persistent"])
 @pytest.mark.parametrize("act,out_act", [("tanh", "sigmoid"), ("relu", "identity"), ("sigmoid", "tanh")])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_jordan_matches_reference(act, out_act, dtype):
+def test_jordan_matches_reference(act, out_act, dtype, sweep):
     T, B, H, O = 4, 3, 5, 2
-    rng = np.random.default_rng(3)
-    xw, w_yh, w_hy, b_y, y0, dy, dy_n = (rng.standard_normal(s).astype(dtype).astype(np.float64) for s in
-                                         [(T, B, H), (H, O), (O, H), (O,), (B, O), (T, B, O), (B, O)])
-    lens = np.array([4, 1, 3], np.int32)
-    cast = (lambda a: on_device(a.astype(dtype)))
-    y, y_n, ctx = N.jordan_forward(cast(xw), cast(w_yh), cast(w_hy), cast(b_y), cast(y0), on_device(lens),
-                                   act, out_act, True)
-    got = to_numpy((y, y_n, *N.jordan_backward(ctx, cast(dy), cast(dy_n)), ctx.h))
-    y_r, y_n_r, ctx_r = ref.jordan_forward(xw, w_yh, w_hy, b_y, y0, lens, act, out_act, True)
-    want = (y_r, y_n_r, *ref.jordan_backward(ctx_r, dy, dy_n), ctx_r.h)
+    got, want, ctx = run_jordan(act, out_act, dtype, sweep, T, B, H, O, [4, 1, 3], np.random.default_rng(3))
+    assert ctx.plan.sweep == sweep
     for name, a, b in zip(["y", "y_n", "dph", "dpy", "dy0", "h"], got, want):
         np.testing.assert_allclose(a, b, err_msg=name, **TOL[dtype])
+
+
+def run_jordan(act, out_act, dtype, sweep, T, B, H, O, lengths, rng):
+    """(numba results, reference results, numba ctx): y, y_n, dph, dpy, dy0, h of one forward and backward."""
+    xw, w_yh, w_hy, b_y, y0, dy, dy_n = (rng.standard_normal(s).astype(dtype).astype(np.float64) for s in
+                                         [(T, B, H), (H, O), (O, H), (O,), (B, O), (T, B, O), (B, O)])
+    lens = np.array(lengths, np.int32)
+    cast = (lambda a: on_device(a.astype(dtype)))
+    y, y_n, ctx = N.jordan_forward(cast(xw), cast(w_yh), cast(w_hy), cast(b_y), cast(y0), on_device(lens),
+                                   act, out_act, True, sweep=sweep)
+    got = to_numpy((y, y_n, *N.jordan_backward(ctx, cast(dy), cast(dy_n)), ctx.h))
+    y_r, y_n_r, ctx_r = ref.jordan_forward(xw, w_yh, w_hy, b_y, y0, lens, act, out_act, True)
+    return got, (y_r, y_n_r, *ref.jordan_backward(ctx_r, dy, dy_n), ctx_r.h), ctx
 
 
 def layer_pair(cell, sweep, **kwargs):

@@ -56,3 +56,19 @@ def test_step_sweep_is_one_launch_per_step(launches):
     launches.clear()
     layer.backward(out[2], dy, dstate)
     assert launches == {"step_backward": T}
+
+
+@pytest.mark.parametrize("sweep,forward,backward", [
+    ("persistent", {"persistent_forward": 1}, {"persistent_backward": 1}),
+    ("step", {"jordan_hidden": 5, "jordan_output": 5}, {"jordan_output_backward": 5, "jordan_hidden_backward": 5})])
+def test_jordan_launches(launches, sweep, forward, backward):
+    T, B, H, O = 5, 3, 6, 2
+    rng = np.random.default_rng(0)
+    xw, w_yh, w_hy, b_y, y0, dy = (rng.standard_normal(s) for s in [(T, B, H), (H, O), (O, H), (O,), (B, O),
+                                                                      (T, B, O)])
+    lengths = np.array([5, 3, 4], np.int32)
+    _, y_n, ctx = N.jordan_forward(xw, w_yh, w_hy, b_y, y0, lengths, "tanh", "sigmoid", True, sweep=sweep)
+    assert launches == forward
+    launches.clear()
+    N.jordan_backward(ctx, dy, y_n)
+    assert launches == backward

@@ -77,6 +77,25 @@ def test_layout_covers_every_unit_within_the_limits(device, itemsize, G, B, H):
         assert launch.threads <= min(device.max_threads, MAX_THREADS)
 
 
+@pytest.mark.parametrize("B", [1, 4, 16])
+def test_jordan_runs_persistent_when_its_weights_fit(B):
+    plan = P.jordan_plan("auto", B, 1024, 64, 4, P.H100_SXM)
+    assert plan.sweep == "persistent", plan.reason
+    launch = plan.forward
+    assert launch == plan.backward and launch.blocks <= P.H100_SXM.sms
+    assert (launch.blocks - 1) * plan.units < 1024 <= launch.blocks * plan.units and plan.out_units * launch.blocks >= 64
+    assert launch.shared == P.jordan_shared_elements(1024, 64, plan.units, plan.out_units, launch.tiles,
+                                                     launch.threads, launch.splits) * 4
+    assert launch.shared <= P.H100_SXM.shared_per_block
+
+
+def test_jordan_too_large_runs_per_step():
+    assert P.jordan_plan("auto", 4, 8192, 8192, 4, P.H100_SXM).sweep == "step"
+    with pytest.raises(ValueError, match="sweep='persistent'"):
+        P.jordan_plan("persistent", 4, 8192, 8192, 4, P.H100_SXM)
+    assert P.jordan_plan("step", 4, 64, 8, 4, P.H100_SXM).sweep == "step"
+
+
 class FakeGPU:
     """What numba's cuda.gpus[i] reports for an H100 SXM under CUDA 13, which no longer reports clock rates."""
     compute_capability = (9, 0)

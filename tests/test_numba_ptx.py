@@ -3,7 +3,8 @@ import pytest
 
 from kernel_report import TARGETS, kernel_report
 
-PERSISTENT = tuple(f"persistent_{d}_{c}" for d in ("forward", "backward") for c in ("elman", "lstm", "gru"))
+PERSISTENT = tuple(f"persistent_{d}_{c}" for d in ("forward", "backward") for c in ("elman", "lstm", "gru")) + \
+    ("persistent_jordan_forward", "persistent_jordan_backward")
 KERNELS = ("step_forward", "step_backward", "jordan_hidden", "jordan_output", "jordan_output_backward",
            "jordan_hidden_backward") + PERSISTENT
 

@@ -1,8 +1,8 @@
 """Persistent sweeps on grids of 2-5 blocks under the many-block simulator (kernels/numba_sim.py): every thread of
 every block runs at once, syncthreads is a per-block barrier, grid.sync() a barrier over all blocks, each block has
 its own shared memory, and every global and shared memory access is checked for races. Forward and backward of
-every cell, float32 and float64, against the float64 NumPy reference; a kernel whose grid barrier is removed (or
-weakened to a block barrier, as Numba's own simulator runs it) must fail.
+every cell and of the Jordan network, float32 and float64, against the float64 NumPy reference; a kernel whose
+grid barrier is removed (or weakened to a block barrier, as Numba's own simulator runs it) must fail.
 """
 import dataclasses
 import functools
@@ -14,7 +14,7 @@ from numba import cuda
 
 from gpurnn.kernels import numba_cuda as N
 from gpurnn.kernels import numba_plan, numba_sim
-from test_numba_cuda import TOL, run_numba_sweep, run_reference_sweep, sweep_problem
+from test_numba_cuda import TOL, run_jordan, run_numba_sweep, run_reference_sweep, sweep_problem
 from util import CELLS
 
 pytestmark = pytest.mark.skipif(not N.simulator(), reason="the many-block harness runs in the simulator")
@@ -60,6 +60,27 @@ def test_many_blocks_match_reference(monkeypatch, cell, dtype, case):
     names = ["y"] + (["h_n", "c_n"] if cell == "lstm" else ["h_n"]) + ["dgx", "dgh"] + \
             (["dh0", "dc0"] if cell == "lstm" else ["dh0"])
     for name, a, b in zip(names, got, run_reference_sweep(cell, d, lens)):
+        np.testing.assert_allclose(a, b, err_msg=name, **TOL[dtype])
+
+
+# Jordan: (SMs, T, B, H, O, lengths, layout): hidden units and outputs both spread over the blocks, unevenly; in
+# the first two some blocks own no output.
+JORDAN_CASES = {"3 blocks B9": (3, 3, 9, 10, 6, [3, 1, 2, 3, 3, 2, 1, 3, 2], None),
+                "5 blocks B4": (5, 2, 4, 17, 9, [2, 1, 2, 2], None),
+                "3 blocks B2, split dot products": (3, 2, 2, 5, 3, [2, 1], "split")}
+
+
+@pytest.mark.parametrize("case", list(JORDAN_CASES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act,out_act", [("tanh", "sigmoid"), ("relu", "identity")])
+def test_many_blocks_jordan_matches_reference(monkeypatch, act, out_act, dtype, case):
+    sms, T, B, H, O, lengths, layout = JORDAN_CASES[case]
+    simulated_device(monkeypatch, sms, layout)
+    got, want, ctx = run_jordan(act, out_act, dtype, "persistent", T, B, H, O, lengths, np.random.default_rng(sms))
+    assert ctx.plan.forward.blocks == sms and H % ctx.plan.units != 0
+    if layout == "split":
+        assert ctx.plan.forward.splits > 1
+    for name, a, b in zip(["y", "y_n", "dph", "dpy", "dy0", "h"], got, want):
         np.testing.assert_allclose(a, b, err_msg=name, **TOL[dtype])
 
 
