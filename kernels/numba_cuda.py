@@ -21,15 +21,11 @@ from numba import cuda
 
 from . import JordanCtx, numba_plan
 from .numba_cuda_kernels import ACT_CODES, CELL_CODES, build
-from .numba_persistent import build as build_persistent, build_jordan
+from .numba_persistent import build as build_persistent, build_jordan, simulator
 
 SWEEPS = numba_plan.SWEEPS
 THREADS = 256              # threads per block of the per-step kernels on a GPU
 SIM_THREADS = 32           # the simulator runs one Python thread per CUDA thread: keep blocks small there
-
-
-def simulator():
-    return bool(cuda.config.ENABLE_CUDASIM)
 
 
 def array_module():
