@@ -39,7 +39,7 @@ FULL_MASK = 0xFFFFFFFF    # every lane takes part in each shuffle
 GATE_COUNT = {ELMAN: 1, LSTM: 4, GRU: 3}
 # Launch bounds (MAX_THREADS, MIN_BLOCKS): blocks of up to 256 threads, registers capped only so that one such block
 # fits an SM. The plan runs one block per SM (numba_plan.py says why); a cap for 2 blocks (128 registers) would make
-# sm_80 spill: its ptxas takes 150-190 registers for the float32 kernels where sm_90's takes 90-110.
+# sm_80 spill: its ptxas takes 160-200 registers for the float32 kernels where sm_90's takes 90-115.
 MAX_THREADS = 256
 MIN_BLOCKS = 1
 

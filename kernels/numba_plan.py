@@ -13,7 +13,7 @@ time; a block gets as many warps as it has items per pass, within the kernel's l
 Registers: the plan launches one block per SM, never more: the block's W_hh slice fills the SM's shared memory,
 and the grid barrier needs every block resident at once, which one block per SM guarantees. So the kernels are
 compiled with launch bounds (256 threads, 1 block), which lets ptxas use up to 255 registers without spilling
-(sm_80: 150-240, sm_90: 90-145, from python -m gpurnn.kernels.sass); on sm_90 the float32 kernels would still fit
+(sm_80: 160-220, sm_90: 90-130, from python -m gpurnn.kernels.sass); on sm_90 the float32 kernels would still fit
 2 blocks of 256 threads.
 
 Cost model, per step and direction (estimates from the device's datasheet class, NOT measurements; a GPU
