@@ -1,14 +1,16 @@
 """Launch plans for the numba backend's sweeps: persistent (one cooperative launch per layer and direction) or
 per-step (a GEMM and a fused pointwise kernel per step), with the persistent grid, block and W_hh split.
 
-`plan(sweep, B, H, G, itemsize, device)` lays out a persistent sweep for the device and, for sweep="auto",
-takes it when it fits on chip and the cost model below says it is faster than the per-step sweep.
+`plan(sweep, B, H, G, itemsize, device)` (and `jordan_plan` for the Jordan network) lays out a persistent sweep for
+the device and, for sweep="auto", takes it when it fits on chip and the cost model below says it is faster than
+the per-step sweep; "persistent" and "step" force either path.
 
-Layout (numba_persistent.py): each block owns `units` hidden units, as few as the SM count allows and a multiple of
-4 (UNIT_QUANTUM) where that still fits, so there is at most one block per SM and each block's shared memory holds its W_hh slice
-(forward G*units rows, backward `units` columns) plus `tiles` staged batch tiles of 4 rows; `tiles` is as many
-as fit, up to the whole batch (one staging pass per step). One warp works on one (tile, lane group) item at a
-time; a block gets as many warps as it has items per pass, within the kernel's launch bounds and the device.
+Layout (numba_persistent.py): each block owns `units` hidden units, as few as the SM count allows and a multiple
+of 4 (UNIT_QUANTUM) where that still fits, so there is at most one block per SM and each block's shared memory
+holds its W_hh slice (forward G*units rows, backward `units` columns) plus `tiles` staged batch tiles of 4 rows;
+`tiles` is as many as fit, up to the whole batch (one staging pass per step). One warp works on one (tile, lane
+group) item at a time; a block gets as many warps as it has items per pass, within the kernel's launch bounds
+and the device; when it has fewer items than warps, each dot product is split over `splits` warps.
 
 Registers: the plan launches one block per SM, never more: the block's W_hh slice fills the SM's shared memory,
 and the grid barrier needs every block resident at once, which one block per SM guarantees. So the kernels are
