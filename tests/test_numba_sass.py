@@ -32,7 +32,8 @@ def test_persistent_hot_loop(target, dtype, name):
     row = kernel_report()[target, dtype, name]
     assert row["shared_bytes"] == 0, "all shared memory is dynamic, as the planner counts it"
     loop = row["hot_loop"]
-    assert loop is not None and loop["fmas"] >= 16, f"no unrolled FMA loop found: {row}"
+    # the dot product's body: R rows x 4 batch rows, R = 3 (GRU forward) or 4
+    assert loop is not None and loop["fmas"] >= 12, f"no dot-product loop found: {row}"
     if dtype == "float32":
         assert loop["instructions"] / loop["fmas"] <= MAX_INSTRUCTIONS_PER_FFMA, row
 
