@@ -64,7 +64,8 @@ BT_, WARP_, FOUR = U32(BT), U32(WARP), U32(4)
 
 def jit_options(itemsize=None):
     """Options for cuda.jit on a GPU (the simulator takes neither): device functions (itemsize None) inlined
-    into the kernel, so their register arrays stay registers; kernels with launch bounds."""
+    into the kernel, so their register arrays stay registers; kernels with launch bounds. No bounds checks:
+    Numba's default for CUDA (numba-cuda 0.30 rejects boundscheck=False on a kernel, so it is not passed)."""
     if simulator():
         return {"device": itemsize is None}
     if itemsize is None:
