@@ -20,6 +20,7 @@ def _source_tree_kernels():
     module = importlib.util.module_from_spec(spec)
     sys.modules["gpurnn.kernels"] = module
     spec.loader.exec_module(module)
+    globals()["kernels"] = module          # the attribute the import system sets for a submodule it loads
 
 
 _source_tree_kernels()
@@ -27,10 +28,24 @@ _source_tree_kernels()
 from .layers import GRU, LSTM, RNN, JordanRNN  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["RNN", "LSTM", "GRU", "JordanRNN"]
+__all__ = ["RNN", "LSTM", "GRU", "JordanRNN", "save", "load"]
+
+
+def save(obj, path):
+    """Write a model or module (its `config` and `state_dict()`) to `path`: a .npz file, or a folder that gets
+    checkpoint.npz. No pickle: arrays, a JSON header and a SHA-256 checksum (see gpurnn.checkpoint)."""
+    from .checkpoint import save_model
+    return save_model(obj, path)
+
+
+def load(path):
+    """The model or module saved at `path` (by `save`, `obj.save` or the trainer), checksum verified."""
+    from .checkpoint import load_model
+    return load_model(path)
 
 # Submodules reachable as attributes (`gpurnn.nn.Linear`), imported on first use so `import gpurnn` stays light.
-_LAZY = ("nn", "optim", "models", "clip", "trainer", "tasks", "checkpoint", "diagnostics", "backend", "bench")
+_LAZY = ("nn", "optim", "lr_scheduler", "models", "module", "sequential", "init", "clip", "trainer", "tasks",
+         "checkpoint", "diagnostics", "backend", "bench", "torch", "files")
 
 
 def __getattr__(name):

@@ -3,7 +3,10 @@
 | name  | arrays (xp)                                   | kernels                      |
 | numpy | NumPy                                         | gpurnn.kernels.cpu_fused (float32), numpy_ref (float64) |
 | numba | CuPy on a GPU; NumPy under NUMBA_ENABLE_CUDASIM=1 | gpurnn.kernels.numba_cuda |
-| cupy  | CuPy                                          | gpurnn.kernels.cupy_raw       |
+| cupy  | CuPy; NumPy under GPURNN_CUDA_HOST=1          | gpurnn.kernels.cupy_raw       |
+
+GPURNN_CUDA_HOST=1 is to the cupy backend what NUMBA_ENABLE_CUDASIM=1 is to the numba backend: its CUDA C kernels
+run on the CPU (compiled for the host, gpurnn.kernels.cuda_host) on device "cpu" arrays, for tests without a GPU.
 """
 import functools
 import importlib
@@ -21,6 +24,12 @@ GPU_DEFAULT = "numba"   # what "auto" picks for GPU data
 def cuda_simulator():
     """True when Numba's CUDA simulator is on: the numba backend then runs on NumPy arrays."""
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+
+
+def cuda_host():
+    """True when GPURNN_CUDA_HOST=1: the cupy backend runs its CUDA C on the CPU, on NumPy arrays. Read once."""
+    from .kernels.cuda_host import enabled
+    return enabled()
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +65,7 @@ def available():
     if gpu_available():
         gpu = [b for b in dict.fromkeys((GPU_DEFAULT, "cupy", "numba")) if b != "numba" or numba_cuda_usable()]
     else:
-        gpu = ["numba"] if cuda_simulator() else []
+        gpu = (["numba"] if cuda_simulator() else []) + (["cupy"] if cuda_host() else [])
     return gpu + ["numpy"]
 
 
@@ -124,8 +133,11 @@ def resolve(requested, device):
         return GPU_DEFAULT if numba_cuda_usable() else "cupy"
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {requested!r}")
-    if device == "cpu" and requested == "cupy":
-        raise ValueError("backend='cupy' needs GPU arrays; move the layer with layer.to('cuda')")
+    if device == "cpu" and requested == "cupy" and not cuda_host():
+        raise ValueError("backend='cupy' needs GPU arrays (or GPURNN_CUDA_HOST=1); "
+                         "move the layer with layer.to('cuda')")
+    if device == "cuda" and requested == "cupy" and cuda_host():
+        raise ValueError("GPURNN_CUDA_HOST=1 runs backend='cupy' on the CPU: keep the layer on 'cpu'")
     if device == "cpu" and requested == "numba" and not cuda_simulator():
         raise ValueError("backend='numba' needs GPU arrays (or NUMBA_ENABLE_CUDASIM=1); "
                          "move the layer with layer.to('cuda')")

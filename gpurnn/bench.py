@@ -176,11 +176,13 @@ def peak_rss(side, backend, cell, T, B, H, train=True):
 
 def run(backend="numpy", cells=DEFAULT_CELLS, sizes=((100, 32, 256),), repeats=10, modes=("train", "inference"),
         memory=False):
-    """Rows of measurements (dicts), one per cell x size x mode."""
+    """Rows of measurements (dicts), one per cell x size x mode; a progress line on stderr before each."""
     rows = []
+    total = len(cells) * len(sizes) * len(modes)
     for cell in cells:
         for T, B, H in sizes:
             for mode in modes:
+                progress(f"{cell} T,B,H={T},{B},{H} {mode} ({len(rows) + 1}/{total})")
                 train = mode == "train"
                 ours = make_ours(backend, cell, T, B, H, train=train)
                 peer = make_peer(backend, cell, T, B, H, train=train)
@@ -194,6 +196,11 @@ def run(backend="numpy", cells=DEFAULT_CELLS, sizes=((100, 32, 256),), repeats=1
                     row["peer_peak_mib"] = peak_rss("peer", backend, cell, T, B, H) / 2 ** 20 if peer else None
                 rows.append(row)
     return rows
+
+
+def progress(message):
+    """A progress line on stderr (the table or JSON goes to stdout)."""
+    print(f"gpurnn bench: {message}", file=sys.stderr, flush=True)
 
 
 def _sizes(text):
@@ -261,7 +268,8 @@ def print_profiles(args):
 
 
 def main(argv=None):
-    args = add_arguments(argparse.ArgumentParser(prog="gpurnn bench", description=__doc__.splitlines()[0])).parse_args(argv)
+    from .cli import Parser
+    args = add_arguments(Parser(prog="gpurnn bench", description=__doc__.splitlines()[0])).parse_args(argv)
     if args.repeats < 1:
         print("gpurnn bench: error: --repeats must be >= 1", file=sys.stderr)
         return 2
@@ -275,6 +283,7 @@ def main(argv=None):
     torch = torch_or_none()
     modes = ("train", "inference") if args.mode == "both" else (args.mode,)
     rows = run(args.backend, args.cells, args.sizes, args.repeats, modes, args.memory)
+    progress("measuring this machine's SGEMM rate")
     result = dict(device=device_name(args.backend), backend=args.backend, sgemm_gflops=sgemm_gflops(),
                   numpy=np.__version__, peer=peer_name(args.backend),
                   torch_threads=torch.get_num_threads() if torch else None, repeats=args.repeats, rows=rows)

@@ -1,5 +1,6 @@
 """Validation of user input: every error names the argument and what was expected. Nothing here mutates."""
 import math
+import os
 
 import numpy as np
 
@@ -29,6 +30,36 @@ def positive_int(value, name, minimum=1):
     return int(value)
 
 
+def flag(value, name):
+    """`value` as a bool: only True/False (or numpy.bool_), never a string or a number."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def seed(value, name="seed"):
+    """A random seed: None (fresh entropy) or an integer >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be None or an integer >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def fits_in_memory(count, dtype, what):
+    """ValueError when `count` parameters of `dtype` (and as many gradients) exceed this machine's memory."""
+    need = 2 * int(count) * np.dtype(dtype).itemsize
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        have = None
+    if have is not None and need > have:
+        raise ValueError(f"{what} would need {count:,} parameters: {need / 2 ** 30:,.1f} GiB with their gradients, "
+                         f"more than this machine's {have / 2 ** 30:,.1f} GiB of memory; choose smaller sizes")
+
+
 def number(value, name, low=0.0, high=math.inf, low_open=False, high_open=False):
     """`value` as a float in [low, high] (ends open where asked); ValueError naming `name` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -42,10 +73,27 @@ def number(value, name, low=0.0, high=math.inf, low_open=False, high_open=False)
     return value
 
 
+def nonnegative(value, name):
+    """A finite number >= 0 (learning rates, weight decay, momentum, ...)."""
+    return number(value, name, 0.0, math.inf, high_open=True)
+
+
 def choice(value, name, options):
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
     return value
+
+
+def convert(a, device, name):
+    """as_array, with one clear line for what NumPy cannot make an array of (ragged nested lists)."""
+    try:
+        a = as_array(a, device, name)
+    except ValueError as err:
+        raise ValueError(f"{name} must be an array or nested lists of equal lengths (rectangular); "
+                         f"NumPy could not convert it: {err}") from None
+    if a.dtype == object:
+        raise TypeError(f"{name} must hold numbers, got dtype object (a ragged nested list or mixed types?)")
+    return a
 
 
 def array(a, name, device, dtype, shape=None, ndim=None, finite=True):
@@ -56,7 +104,7 @@ def array(a, name, device, dtype, shape=None, ndim=None, finite=True):
     if where != device:
         raise ValueError(f"{name} is on device '{where}' but the parameters are on '{device}'; "
                          f"move the data or call layer.to('{where}')")
-    a = as_array(a, device, name)
+    a = convert(a, device, name)
     if a.dtype != dtype:
         kind = "integer" if a.dtype.kind in "iub" else a.dtype.name
         raise TypeError(f"{name} must have dtype {dtype.name}, got {kind} ({a.dtype.name})")
@@ -93,7 +141,8 @@ def check_ctx(ctx, owner, kind):
         raise TypeError(f"ctx must be the ctx returned by this {name}'s forward(training=True), "
                         f"got {type(ctx).__name__}")
     if ctx.owner is not owner:
-        raise ValueError(f"ctx comes from another layer's forward; pass the ctx this {name} returned")
+        raise ValueError(f"ctx was made by the forward of another {type(ctx.owner).__name__} ({ctx.owner!r}), "
+                         f"not of this {name} ({owner!r}); pass the ctx that this {name}'s forward returned")
     return ctx
 
 

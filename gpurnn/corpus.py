@@ -64,9 +64,11 @@ class CharBatches:
     """Consecutive (x, y) id batches of a text: B rows read side by side, T steps at a time, y = x shifted by one.
 
     Batch i is a pure function of i (rows continue from batch to batch, wrapping round), so a carried state
-    follows the text and a resumed run reads exactly what it would have. Call as data(step, rng)."""
+    follows the text and a resumed run reads exactly what it would have. Call as data(step, rng).
+    rows: a slice of range(B), the rows (streams) this process reads, for data-parallel training (rank r of N:
+    slice(r, B, N)); the layout, and so each row's text at every step, is the whole batch's whatever the split."""
 
-    def __init__(self, ids, batch, seq_len):
+    def __init__(self, ids, batch, seq_len, rows=slice(None)):
         self.batch = checks.positive_int(batch, "batch")
         self.seq_len = checks.positive_int(seq_len, "seq_len")
         ids = np.asarray(ids, dtype=np.int64)
@@ -75,9 +77,12 @@ class CharBatches:
         if self.chunks < 1:
             raise CorpusError(f"the text ({len(ids)} characters) is too short for {batch} rows of "
                               f"{seq_len + 1} characters; use a smaller --batch or --seq-len")
-        self.rows = np.stack([ids[b * row:(b + 1) * row + 1] for b in range(self.batch)], axis=1)   # (row+1, B)
+        mine = range(self.batch)[rows]
+        if not mine:
+            raise ValueError(f"rows {rows} selects none of the {self.batch} rows")
+        self.rows = np.stack([ids[b * row:(b + 1) * row + 1] for b in mine], axis=1)   # (row+1, rows taken)
 
     def __call__(self, step, rng=None):
-        """x (T, B), y (T, B): chunk step mod the number of chunks."""
+        """x (T, b), y (T, b) for the b rows taken: chunk step mod the number of chunks."""
         a = (step % self.chunks) * self.seq_len
         return self.rows[a:a + self.seq_len], self.rows[a + 1:a + self.seq_len + 1]

@@ -7,6 +7,7 @@ forget gate (bias `forget_bias`, 1 as is common practice), and loses far less ov
 """
 import numpy as np
 
+from .files import atomic_write
 from .kernels import GATES
 from .layers import LSTM, RNN
 
@@ -65,7 +66,8 @@ def gradient_norms(cell, steps=65, hidden=32, recurrent_scale=1.0, seed=0, input
 
 
 def plot_gradient_flow(path, steps=65, hidden=32, seed=0):
-    """Write a PNG of ||dL/dh_t|| against steps back from the loss (log scale); returns {label: (steps,) curve}."""
+    """Write a PNG of ||dL/dh_t|| against steps back from the loss (log scale), atomically (a reader never sees
+    half a file); returns {label: (steps,) curve}."""
     curves = {"Elman, W_hh = 0.9 Q": gradient_norms("rnn_tanh", steps, hidden, 0.9, seed),
               "Elman, W_hh = 1.1 Q": gradient_norms("rnn_tanh", steps, hidden, 1.1, seed),
               "LSTM, W_hh = Q, forget bias 1": gradient_norms("lstm", steps, hidden, 1.0, seed)}
@@ -81,5 +83,5 @@ def plot_gradient_flow(path, steps=65, hidden=32, seed=0):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     return curves

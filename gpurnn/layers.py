@@ -3,14 +3,17 @@
 Layouts follow PyTorch (gate order LSTM i, f, g, o; GRU r, z, n). Shapes: x (T, B, I), y (T, B, D*H),
 h (L*D, B, H) with index layer*D + direction. The per-element math lives in gpurnn.kernels.
 """
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checks
+from . import checks, init as inits
 from .backend import array_module, kernels, resolve
 from .kernels import GATES
 from .module import Module
+
+BACKEND_NAMES = ("auto", "numpy", "numba", "cupy")
 
 
 @dataclass
@@ -23,6 +26,7 @@ class LayerCtx:
     rev_index: object       # (T, B, 1) time gather for the reverse direction, None when every length is T
     inputs: list            # per layer: its input (T, B, in_l)
     sweeps: list = field(default_factory=list)   # per layer*D + direction: the kernel ctx
+    masks: list = field(default_factory=list)    # dropout: per layer but the last, (T, B, D*H) in {0, 1/(1-p)}
 
 
 def reverse_time(a, rev_index):
@@ -40,28 +44,45 @@ def reverse_index(lengths, T, xp):
 
 
 class _Recurrent(Module):
+    """Stacked, optionally bidirectional recurrent layer. dropout: on the outputs of every layer but the last, in
+    training only (PyTorch's semantics). init: see gpurnn.init ("uniform", the default, is PyTorch's)."""
     cell = None
+    stateful = True
     sweep = "auto"    # GPU backends: "auto" | "persistent" (one launch for all steps) | "step" (a launch per step)
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 bidirectional=False, dtype="float32", backend="auto", seed=None):
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, init="uniform", dtype="float32", backend="auto", seed=None):
+        I = checks.positive_int(input_size, "input_size")
+        H = checks.positive_int(hidden_size, "hidden_size")
+        L = checks.positive_int(num_layers, "num_layers")
+        bias, batch_first = checks.flag(bias, "bias"), checks.flag(batch_first, "batch_first")
+        D = 2 if checks.flag(bidirectional, "bidirectional") else 1
+        dropout = checks.number(dropout, "dropout", 0.0, 1.0)
+        checks.choice(init, "init", inits.INITS)
+        checks.choice(backend, "backend", BACKEND_NAMES)
+        checks.fits_in_memory(D * GATES[self.cell] * H * (I + (L - 1) * D * H + L * H + 2 * L * bias),
+                              checks.float_dtype(dtype), f"{type(self).__name__}({I}, {H}, num_layers={L})")
+        if dropout and L == 1:
+            warnings.warn(f"dropout={dropout} acts between stacked layers only, and num_layers=1", stacklevel=3)
         super().__init__(dtype, backend, seed)
-        checks.choice(backend, "backend", ("auto", "numpy", "numba", "cupy"))
-        self.input_size = checks.positive_int(input_size, "input_size")
-        self.hidden_size = H = checks.positive_int(hidden_size, "hidden_size")
-        self.num_layers = checks.positive_int(num_layers, "num_layers")
-        self.bias, self.batch_first = bool(bias), bool(batch_first)
-        self.num_directions = 2 if bidirectional else 1
+        self.input_size, self.hidden_size, self.num_layers = I, H, L
+        self.bias, self.batch_first, self.dropout, self.init = bias, batch_first, dropout, init
+        self.num_directions = D
         G = GATES[self.cell]
-        bound = 1.0 / np.sqrt(H)
-        for layer in range(self.num_layers):
-            in_size = self.input_size if layer == 0 else H * self.num_directions
+        for layer in range(L):
+            in_size = I if layer == 0 else H * D
             for suffix in self._suffixes(layer):
-                self.add_param(f"weight_ih{suffix}", (G * H, in_size), bound)
-                self.add_param(f"weight_hh{suffix}", (G * H, H), bound)
-                if self.bias:
-                    self.add_param(f"bias_ih{suffix}", (G * H,), bound)
-                    self.add_param(f"bias_hh{suffix}", (G * H,), bound)
+                shapes = {f"weight_ih{suffix}": (G * H, in_size), f"weight_hh{suffix}": (G * H, H)}
+                if bias:
+                    shapes.update({f"bias_ih{suffix}": (G * H,), f"bias_hh{suffix}": (G * H,)})
+                for name, shape in shapes.items():
+                    self.set_param(name, inits.draw(self.rng, init, name, shape, H))
+
+    @property
+    def config(self):
+        return dict(kind=type(self).__name__, input_size=self.input_size, hidden_size=self.hidden_size,
+                    num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first, dropout=self.dropout,
+                    bidirectional=self.num_directions == 2, init=self.init, dtype=self.dtype.name)
 
     def _suffixes(self, layer):
         return [f"_l{layer}"] + ([f"_l{layer}_reverse"] if self.num_directions == 2 else [])
@@ -91,8 +112,10 @@ class _Recurrent(Module):
     def _time_major(self, a):
         return self.xp.ascontiguousarray(a.transpose(1, 0, 2)) if self.batch_first else a
 
-    def forward(self, x, state=None, lengths=None, training=True):
-        """y, state_n, ctx. x: (T, B, I) or (B, T, I) with batch_first; state: h or (h, c), (L*D, B, H)."""
+    def forward(self, x, state=None, lengths=None, training=None):
+        """y, state_n, ctx. x: (T, B, I) or (B, T, I) with batch_first; state: h or (h, c), (L*D, B, H).
+        training: save a ctx for backward and apply dropout (None: the module's train()/eval() mode)."""
+        training = self.is_training(training)
         xp = self.xp
         x = checks.array(x, "x", self.device, self.dtype, ndim=3)
         x = self._time_major(x)
@@ -135,6 +158,9 @@ class _Recurrent(Module):
                     dst[k] = src
                 ctx.sweeps.append(kctx)
             inp = out
+            if training and self.dropout and layer < self.num_layers - 1:
+                ctx.masks.append(self.dropout_mask(out, self.dropout))    # (T, B, D*H)
+                inp = out * ctx.masks[-1]
         y = self._time_major(inp)
         h_n = state_n if self.cell == "lstm" else state_n[0]
         return y, h_n, (ctx if training else None)
@@ -186,6 +212,8 @@ class _Recurrent(Module):
                     new_grads[f"bias_hh{suffix}"] = dgh_sum
                     new_grads[f"bias_ih{suffix}"] = dgh_sum if shared else dgx2d.sum(axis=0)
             dout = dinp.reshape(T, B, -1)
+            if layer and ctx.masks:           # layer's input was out_{layer-1} * mask: d out = d input * mask
+                dout = dout * ctx.masks[layer - 1]
         for k, g in new_grads.items():
             self.grads[k] += g
         dx = self._time_major(dout)
@@ -200,10 +228,34 @@ class RNN(_Recurrent):
         self.cell = f"rnn_{nonlinearity}"
         super().__init__(input_size, hidden_size, num_layers, **kwargs)
 
+    @property
+    def config(self):
+        return {**super().config, "nonlinearity": self.nonlinearity}
+
 
 class LSTM(_Recurrent):
-    """LSTM, gates i, f, g, o: c' = f c + i g, h' = o tanh(c')."""
+    """LSTM, gates i, f, g, o: c' = f c + i g, h' = o tanh(c').
+
+    forget_bias: when a number, the forget gate's bias starts there (bias_ih's f slice = forget_bias, bias_hh's = 0,
+    so b_f = forget_bias), after `init` drew the rest; a common choice is 1.0."""
     cell = "lstm"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *args, forget_bias=None, **kwargs):
+        if forget_bias is not None:
+            forget_bias = checks.number(forget_bias, "forget_bias", -np.inf, np.inf, low_open=True, high_open=True)
+            if not kwargs.get("bias", args[0] if args else True):
+                raise ValueError("forget_bias needs bias=True")
+        super().__init__(input_size, hidden_size, num_layers, *args, **kwargs)
+        self.forget_bias = forget_bias
+        if forget_bias is not None:
+            H = self.hidden_size
+            for name, p in self.params.items():
+                if name.startswith("bias"):
+                    p[H:2 * H] = forget_bias if name.startswith("bias_ih") else 0
+
+    @property
+    def config(self):
+        return {**super().config, "forget_bias": self.forget_bias}
 
 
 class GRU(_Recurrent):
@@ -219,17 +271,20 @@ class JordanRNN(Module):
     """
     num_layers = num_directions = 1
     batch_first = False
+    stateful = True
 
     def __init__(self, input_size, hidden_size, output_size, nonlinearity="tanh", output_nonlinearity="sigmoid",
                  dtype="float32", backend="auto", seed=None):
+        I = checks.positive_int(input_size, "input_size")
+        H = checks.positive_int(hidden_size, "hidden_size")
+        O = checks.positive_int(output_size, "output_size")
+        checks.choice(nonlinearity, "nonlinearity", ("tanh", "relu", "sigmoid"))
+        checks.choice(output_nonlinearity, "output_nonlinearity", ("tanh", "relu", "sigmoid", "identity"))
+        checks.choice(backend, "backend", BACKEND_NAMES)
+        checks.fits_in_memory(H * (I + 2 * O + 1) + O, checks.float_dtype(dtype), f"JordanRNN({I}, {H}, {O})")
         super().__init__(dtype, backend, seed)
-        checks.choice(backend, "backend", ("auto", "numpy", "numba", "cupy"))
-        self.input_size = checks.positive_int(input_size, "input_size")
-        self.hidden_size = H = checks.positive_int(hidden_size, "hidden_size")
-        self.output_size = O = checks.positive_int(output_size, "output_size")
-        self.nonlinearity = checks.choice(nonlinearity, "nonlinearity", ("tanh", "relu", "sigmoid"))
-        self.output_nonlinearity = checks.choice(output_nonlinearity, "output_nonlinearity",
-                                                 ("tanh", "relu", "sigmoid", "identity"))
+        self.input_size, self.hidden_size, self.output_size = I, H, O
+        self.nonlinearity, self.output_nonlinearity = nonlinearity, output_nonlinearity
         bh, bo = 1.0 / np.sqrt(H), 1.0 / np.sqrt(O)
         self.add_param("weight_ih", (H, self.input_size), bh)
         self.add_param("weight_yh", (H, O), bh)
@@ -237,13 +292,20 @@ class JordanRNN(Module):
         self.add_param("weight_hy", (O, H), bh)
         self.add_param("bias_y", (O,), bo)
 
+    @property
+    def config(self):
+        return dict(kind="JordanRNN", input_size=self.input_size, hidden_size=self.hidden_size,
+                    output_size=self.output_size, nonlinearity=self.nonlinearity,
+                    output_nonlinearity=self.output_nonlinearity, dtype=self.dtype.name)
+
     def __repr__(self):
         return (f"JordanRNN({self.input_size}, {self.hidden_size}, {self.output_size}, "
                 f"nonlinearity={self.nonlinearity!r}, output_nonlinearity={self.output_nonlinearity!r}, "
                 f"dtype={self.dtype.name}, device={self.device!r})")
 
-    def forward(self, x, state=None, lengths=None, training=True):
+    def forward(self, x, state=None, lengths=None, training=None):
         """y (T, B, O), state_n (1, B, O), ctx. `state` is y_{-1} (1, B, O), zeros when None."""
+        training = self.is_training(training)
         xp, p = self.xp, self.params
         x = checks.array(x, "x", self.device, self.dtype, ndim=3)
         T, B, I = x.shape

@@ -1,26 +1,34 @@
 """Small sequence models built from the layers: many-to-many (Tagger, CharLM), many-to-one (Classifier),
-one-to-many (Generator) and encoder-decoder (Seq2Seq).
+one-to-many (Generator) and encoder-decoder (Seq2Seq), and `build_model(config)` for every module kind.
 
-Every model follows the layers' style: `out, state_n, ctx = model.forward(x, ..., training=True)` and
+Every model is a Module in the layers' style: `out, state_n, ctx = model(x, ..., training=None)` and
 `dx, dstate0 = model.backward(ctx, dout, dstate=None)` (gradients accumulate into each sub-module's `grads`).
-`modules()` lists the sub-modules for an optimizer; `state_dict()` / `load_state_dict()` cover all of them;
-`config` is the dict `build_model(config)` turns back into the same model (a checkpoint stores it).
-Time-major shapes: x (T, B, I) or ids (T, B); state as the recurrent layer's (h, or (h, c) for the LSTM).
+Its parts are children (`model.rnn`, `model.head`, ...), so `named_parameters()` gives "rnn.weight_ih_l0" and
+`state_dict()` / `load_state_dict()` cover all of them; `config` is the dict `build_model(config)` turns back
+into the same model (a checkpoint stores it).
+dropout=p: on the embedding's output, between stacked recurrent layers and on the recurrent output before the
+head (the recipe of PyTorch's word language model), in training only.
+Time-major shapes: x (T, B, I) or ids (T, B) ((B, T, ...) with batch_first); state as the recurrent layer's
+(h, or (h, c) for the LSTM).
 """
+import inspect
+
 import numpy as np
 
 from . import checks
 from .backend import to_host
-from .layers import GRU, LSTM, RNN
-from .nn import Embedding, Linear
+from .layers import GRU, LSTM, RNN, JordanRNN
+from .module import Module
+from .nn import Dropout, Embedding, Linear, SavedCtx, saved
+from .sequential import Sequential, chain_backward, chain_forward
 
 RNN_CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid")
 
 
-def make_rnn(cell, input_size, hidden_size, num_layers, dtype, backend, seed):
+def make_rnn(cell, input_size, hidden_size, num_layers, dropout, dtype, backend, seed, batch_first=False):
     """The recurrent layer for a cell name: "lstm", "gru" or "rnn_<tanh|relu|sigmoid>"."""
-    checks.choice(cell, "cell", RNN_CELLS)
-    kwargs = dict(num_layers=num_layers, dtype=dtype, backend=backend, seed=seed)
+    kwargs = dict(num_layers=num_layers, dropout=dropout if num_layers > 1 else 0.0, batch_first=batch_first,
+                  dtype=dtype, backend=backend, seed=seed)
     if cell.startswith("rnn_"):
         return RNN(input_size, hidden_size, nonlinearity=cell[4:], **kwargs)
     return (LSTM if cell == "lstm" else GRU)(input_size, hidden_size, **kwargs)
@@ -28,63 +36,62 @@ def make_rnn(cell, input_size, hidden_size, num_layers, dtype, backend, seed):
 
 def sub_seeds(seed, n):
     """n independent integer seeds from one (random ones when seed is None)."""
-    return [int(s) for s in np.random.SeedSequence(seed).generate_state(n)]
+    return [int(s) for s in np.random.SeedSequence(checks.seed(seed)).generate_state(n)]
 
 
-class SequenceModel:
-    """Named sub-modules (`parts`) plus the config that rebuilds the model."""
+def model_config(kind, sizes, cell, num_layers, dropout, dtype, **extra):
+    """The validated config of a model: sizes (name -> positive int, or None where allowed) and the rest."""
+    config = {"kind": kind}
+    for name, (value, optional) in sizes.items():
+        config[name] = None if (optional and value is None) else checks.positive_int(value, name)
+    config.update(cell=checks.choice(cell, "cell", RNN_CELLS), num_layers=checks.positive_int(num_layers, "num_layers"),
+                  dropout=checks.number(dropout, "dropout", 0.0, 1.0), dtype=checks.float_dtype(dtype).name)
+    config.update(extra)
+    return config
+
+
+def check_ids(ids, name, batch_first=False):
+    """ids must be a 2-D integer array, (T, B) or (B, T) with batch_first."""
+    shape = np.shape(ids) if isinstance(ids, (list, tuple)) else tuple(getattr(ids, "shape", ()))
+    if len(shape) != 2:
+        want = "(B, T) (batch, time)" if batch_first else "(T, B) (time, batch)"
+        raise ValueError(f"{name} must be token ids of shape {want}, got shape {shape}; "
+                         "for one sequence use ids[:, None]" + ("" if not batch_first else ".T"))
+
+
+class SequenceModel(Module):
+    """Named parts (children) plus the config that rebuilds the model."""
+    stateful = True
 
     def __init__(self, config, parts):
-        self.config = config
-        self.parts = parts          # name -> Module, in a fixed order
+        super().__init__()
+        self._config = config
+        for name, m in parts.items():
+            setattr(self, name, m)
+
+    @property
+    def config(self):
+        return dict(self._config)
+
+    @property
+    def parts(self):
+        """name -> sub-module, in order."""
+        return self._modules
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k not in ("kind", "vocab"))
+        args = ", ".join(f"{k}={v!r}" for k, v in self._config.items() if k not in ("kind", "vocab"))
         return f"{type(self).__name__}({args})"
 
-    def modules(self):
-        return list(self.parts.values())
+    def recurrent_blocks(self, embedding="embedding", rnn="rnn"):
+        """[embedding, dropout] (when there is an embedding), then the recurrent layer."""
+        parts = self._modules
+        drop = [parts["dropout"]] if "dropout" in parts else []
+        return ([parts[embedding]] + drop if embedding in parts else []) + [parts[rnn]]
 
-    @property
-    def rnn(self):
-        return self.parts["rnn"]
-
-    @property
-    def xp(self):
-        return self.rnn.xp
-
-    @property
-    def dtype(self):
-        return self.rnn.dtype
-
-    @property
-    def device(self):
-        return self.rnn.device
-
-    def zero_grad(self):
-        for m in self.modules():
-            m.zero_grad()
-
-    def num_parameters(self):
-        return sum(m.num_parameters() for m in self.modules())
-
-    def to(self, device):
-        for m in self.modules():
-            m.to(device)
-        return self
-
-    def state_dict(self):
-        """{"<part>.<param>": NumPy copy} over every sub-module."""
-        return {f"{name}.{k}": v for name, m in self.parts.items() for k, v in m.state_dict().items()}
-
-    def load_state_dict(self, mapping):
-        """Copy every parameter from `mapping`; checks all keys and shapes first, so a mismatch changes nothing."""
-        own = {f"{name}.{k}": p for name, m in self.parts.items() for k, p in m.params.items()}
-        problems = checks.mapping_problems(own, mapping)
-        if problems:
-            raise ValueError(f"load_state_dict for {type(self).__name__}: " + "; ".join(problems))
-        for name, m in self.parts.items():
-            m.load_state_dict({k: mapping[f"{name}.{k}"] for k in m.params})
+    def head_blocks(self):
+        """[dropout], then the head."""
+        parts = self._modules
+        return ([parts["dropout"]] if "dropout" in parts else []) + [parts["head"]]
 
 
 def lstm_state(cell, h, xp):
@@ -96,77 +103,60 @@ def state_h(state):
     return state[0] if isinstance(state, tuple) else state
 
 
-class Tagger(SequenceModel):
-    """Many-to-many: a score vector per step. x (T, B, input_size) floats, or ids (T, B) when embedding_dim is
-    given (input_size is then the vocabulary size). out (T, B, output_size)."""
-
-    def __init__(self, input_size, hidden_size, output_size, cell="lstm", num_layers=1, embedding_dim=None,
-                 dtype="float32", backend="auto", seed=None):
-        config = dict(kind=type(self).__name__, input_size=input_size, hidden_size=hidden_size,
-                      output_size=output_size, cell=cell, num_layers=num_layers, embedding_dim=embedding_dim,
-                      dtype=np.dtype(dtype).name)
-        super().__init__(config, build_stack(input_size, hidden_size, output_size, cell, num_layers,
-                                             embedding_dim, dtype, backend, seed))
-
-    def forward(self, x, state=None, lengths=None, training=True):
-        """out (T, B, O), state_n, ctx."""
-        return stack_forward(self.parts, x, state, lengths, training)
-
-    def backward(self, ctx, dout, dstate=None):
-        """dx (None for ids), dstate0. dout: (T, B, O)."""
-        return stack_backward(self.parts, ctx, dout, dstate)
-
-
-def build_stack(input_size, hidden_size, output_size, cell, num_layers, embedding_dim, dtype, backend, seed):
-    """[embedding ->] rnn -> head, as named parts."""
-    s = sub_seeds(seed, 3)
-    parts = {}
-    rnn_in = input_size
-    if embedding_dim is not None:
-        parts["embedding"] = Embedding(input_size, embedding_dim, dtype=dtype, seed=s[0])
-        rnn_in = embedding_dim
-    parts["rnn"] = make_rnn(cell, rnn_in, hidden_size, num_layers, dtype, backend, s[1])
-    parts["head"] = Linear(hidden_size, output_size, dtype=dtype, seed=s[2])
+def build_stack(config, backend, seed):
+    """[embedding ->] rnn -> head [, dropout], as named parts (seeds as before dropout existed)."""
+    s = sub_seeds(seed, 5)
+    c = config
+    dtype, parts = c["dtype"], {}
+    rnn_in = c["input_size"]
+    if c["embedding_dim"] is not None:
+        parts["embedding"] = Embedding(c["input_size"], c["embedding_dim"], dtype=dtype, seed=s[0])
+        rnn_in = c["embedding_dim"]
+    parts["rnn"] = make_rnn(c["cell"], rnn_in, c["hidden_size"], c["num_layers"], c["dropout"], dtype, backend,
+                            s[1], c.get("batch_first", False))
+    parts["head"] = Linear(c["hidden_size"], c["output_size"], dtype=dtype, seed=s[2])
+    if c["dropout"]:
+        parts["dropout"] = Dropout(c["dropout"], seed=s[4])
     return parts
 
 
-def embed_and_run(parts, x, state, lengths, training):
-    """[embedding ->] rnn: y (T, B, H), state_n, (embedding ctx or None, rnn ctx)."""
-    ectx = None
-    if "embedding" in parts:
-        x, ectx = parts["embedding"].forward(x)                      # (T, B, E)
-    y, state_n, rctx = parts["rnn"].forward(x, state, lengths, training)   # (T, B, H)
-    return y, state_n, (ectx, rctx)
+class Tagger(SequenceModel):
+    """Many-to-many: a score vector per step. x (T, B, input_size) floats, or ids (T, B) when embedding_dim is
+    given (input_size is then the vocabulary size). out (T, B, output_size); (B, T, ...) with batch_first."""
+
+    def __init__(self, input_size, hidden_size, output_size, cell="lstm", num_layers=1, embedding_dim=None,
+                 dropout=0.0, batch_first=False, dtype="float32", backend="auto", seed=None):
+        config = model_config(type(self).__name__, dict(input_size=(input_size, False),
+                              hidden_size=(hidden_size, False), output_size=(output_size, False),
+                              embedding_dim=(embedding_dim, True)), cell, num_layers, dropout, dtype,
+                              batch_first=checks.flag(batch_first, "batch_first"))
+        super().__init__(config, build_stack(config, backend, seed))
+
+    def blocks(self):
+        return self.recurrent_blocks() + self.head_blocks()
+
+    def forward(self, x, state=None, lengths=None, training=None):
+        """out (T, B, O), state_n, ctx."""
+        training = self.is_training(training)
+        if "embedding" in self._modules:
+            check_ids(x, "x", self._config.get("batch_first", False))
+        out, (state_n,), ctxs = chain_forward(self.blocks(), x, [state], lengths, training)
+        return out, state_n, (SavedCtx(self, ctxs) if training else None)
+
+    def backward(self, ctx, dout, dstate=None):
+        """dx (None for ids), dstate0. dout: (T, B, O)."""
+        dx, (dstate0,) = chain_backward(self.blocks(), saved(ctx, self), dout, [dstate])
+        return dx, dstate0
 
 
-def run_and_embed_backward(parts, ctx, dy, dstate):
-    """Backward of embed_and_run: dx (None for ids), dstate0."""
-    ectx, rctx = ctx
-    dx, dstate0 = parts["rnn"].backward(rctx, dy, dstate)
-    if ectx is not None:
-        dx = parts["embedding"].backward(ectx, dx)
-    return dx, dstate0
-
-
-def stack_forward(parts, x, state, lengths, training):
-    y, state_n, ctx = embed_and_run(parts, x, state, lengths, training)
-    out, hctx = parts["head"].forward(y)                              # (T, B, O)
-    return out, state_n, ((ctx, hctx) if training else None)
-
-
-def stack_backward(parts, ctx, dout, dstate):
-    rctx, hctx = ctx
-    return run_and_embed_backward(parts, rctx, parts["head"].backward(hctx, dout), dstate)
-
-
-def stack_rollout(parts, token, state, steps, choose):
+def rollout(blocks, token, state, steps, choose):
     """Feed each chosen token back in: `steps` ids (steps, B). token (B,) starts it; choose(logits (B, O)) -> ids."""
     out = []
     for _ in range(steps):
-        logits, state, _ = stack_forward(parts, token[None], state, None, training=False)
+        logits, (state,), _ = chain_forward(blocks, token[None], [state], None, False)
         token = choose(logits[-1])
         out.append(token)
-    return parts["rnn"].xp.stack(out), state
+    return blocks[-1].xp.stack(out), state
 
 
 def greedy(logits):
@@ -179,14 +169,15 @@ class CharLM(Tagger):
     vocab: the characters, in id order (a str). forward(ids (T, B)) -> logits (T, B, len(vocab)).
     """
 
-    def __init__(self, vocab, hidden_size=256, num_layers=1, cell="lstm", embedding_dim=64, dtype="float32",
-                 backend="auto", seed=None):
+    def __init__(self, vocab, hidden_size=256, num_layers=1, cell="lstm", embedding_dim=64, dropout=0.0,
+                 dtype="float32", backend="auto", seed=None):
         if not isinstance(vocab, str) or len(vocab) < 2 or len(set(vocab)) != len(vocab):
             raise ValueError(f"vocab must be a str of at least 2 distinct characters, got {vocab!r:.60}")
-        super().__init__(len(vocab), hidden_size, len(vocab), cell, num_layers, embedding_dim, dtype, backend,
-                         seed)
-        self.config = dict(kind="CharLM", vocab=vocab, hidden_size=hidden_size, num_layers=num_layers, cell=cell,
-                           embedding_dim=embedding_dim, dtype=np.dtype(dtype).name)
+        super().__init__(len(vocab), hidden_size, len(vocab), cell, num_layers, embedding_dim, dropout,
+                         dtype=dtype, backend=backend, seed=seed)
+        c = self._config
+        self._config = dict(kind="CharLM", vocab=vocab, hidden_size=c["hidden_size"], num_layers=c["num_layers"],
+                            cell=c["cell"], embedding_dim=c["embedding_dim"], dropout=c["dropout"], dtype=c["dtype"])
         self.vocab = vocab
         self.index = {ch: i for i, ch in enumerate(vocab)}
         self.sample_rng = np.random.default_rng(sub_seeds(seed, 4)[3])
@@ -211,7 +202,7 @@ class CharLM(Tagger):
         if not isinstance(prime, str):
             raise TypeError(f"prime must be a str, got {type(prime).__name__}")
         prime_ids = self.encode(prime)
-        rng = self.sample_rng if seed is None else np.random.default_rng(seed)
+        rng = self.sample_rng if seed is None else np.random.default_rng(checks.seed(seed))
         xp = self.xp
 
         def draw(logits):                                             # (1, V) -> (1,)
@@ -227,70 +218,88 @@ class CharLM(Tagger):
             token = xp.asarray(prime_ids[-1:])
         if n == 0:
             return ""
-        ids, _ = stack_rollout(self.parts, token, state, n, draw)
+        ids, _ = rollout(self.blocks(), token, state, n, draw)
         return self.decode(to_host(ids))
 
 
 class Classifier(SequenceModel):
     """Many-to-one: scores (B, output_size) from each sequence's last valid step (under `lengths`).
 
-    x (T, B, input_size) floats, or ids (T, B) when embedding_dim is given. The scores are class logits or,
-    with MSELoss, regression values."""
+    x (T, B, input_size) floats, or ids (T, B) when embedding_dim is given ((B, T, ...) with batch_first). The
+    scores are class logits or, with MSELoss, regression values."""
 
     def __init__(self, input_size, hidden_size, output_size, cell="lstm", num_layers=1, embedding_dim=None,
-                 dtype="float32", backend="auto", seed=None):
-        config = dict(kind="Classifier", input_size=input_size, hidden_size=hidden_size, output_size=output_size,
-                      cell=cell, num_layers=num_layers, embedding_dim=embedding_dim, dtype=np.dtype(dtype).name)
-        super().__init__(config, build_stack(input_size, hidden_size, output_size, cell, num_layers,
-                                             embedding_dim, dtype, backend, seed))
+                 dropout=0.0, batch_first=False, dtype="float32", backend="auto", seed=None):
+        config = model_config("Classifier", dict(input_size=(input_size, False), hidden_size=(hidden_size, False),
+                              output_size=(output_size, False), embedding_dim=(embedding_dim, True)),
+                              cell, num_layers, dropout, dtype, batch_first=checks.flag(batch_first, "batch_first"))
+        super().__init__(config, build_stack(config, backend, seed))
 
-    def forward(self, x, state=None, lengths=None, training=True):
+    def forward(self, x, state=None, lengths=None, training=None):
         """out (B, O), state_n, ctx."""
+        training = self.is_training(training)
+        batch_first = self._config["batch_first"]
+        if "embedding" in self._modules:
+            check_ids(x, "x", batch_first)
         xp = self.xp
-        y, state_n, rctx = embed_and_run(self.parts, x, state, lengths, training)   # (T, B, H)
-        T, B = y.shape[:2]
+        y, (state_n,), rctxs = chain_forward(self.recurrent_blocks(), x, [state], lengths, training)  # (T, B, H)
+        T, B = (y.shape[1], y.shape[0]) if batch_first else y.shape[:2]
         last = xp.full(B, T - 1) if lengths is None else xp.asarray(lengths).astype(np.int64) - 1   # (B,)
-        out, hctx = self.parts["head"].forward(y[last, xp.arange(B)])              # (B, O)
-        return out, state_n, ((rctx, hctx, last, y.shape) if training else None)
+        rows = (xp.arange(B), last) if batch_first else (last, xp.arange(B))
+        out, _, hctxs = chain_forward(self.head_blocks(), y[rows], [], None, training)             # (B, O)
+        return out, state_n, (SavedCtx(self, (rctxs, hctxs, rows, y.shape)) if training else None)
 
     def backward(self, ctx, dout, dstate=None):
         """dx (None for ids), dstate0. dout: (B, O)."""
-        rctx, hctx, last, shape = ctx
-        xp = self.xp
-        dlast = self.parts["head"].backward(hctx, dout)                        # (B, H)
-        dy = xp.zeros(shape, self.dtype)                                       # (T, B, H): only last steps
-        dy[last, xp.arange(shape[1])] = dlast
-        return run_and_embed_backward(self.parts, rctx, dy, dstate)
+        rctxs, hctxs, rows, shape = saved(ctx, self)
+        dlast, _ = chain_backward(self.head_blocks(), hctxs, dout, [])          # (B, H)
+        dy = self.xp.zeros(shape, self.dtype)                                  # (T, B, H): only last steps
+        dy[rows] = dlast
+        dx, (dstate0,) = chain_backward(self.recurrent_blocks(), rctxs, dy, [dstate])
+        return dx, dstate0
 
 
 class Decoder:
     """Teacher-forced token decoder shared by Generator and Seq2Seq: parts "embedding" (vocab + 1 rows, the last
-    the start token), "rnn", "head". Step t reads token t-1 of the target (the start token at t = 0)."""
+    the start token), "rnn", "head" (and "dropout"). Step t reads token t-1 of the target (the start token at
+    t = 0)."""
 
-    def __init__(self, parts, vocab_size):
-        self.parts, self.start = parts, vocab_size
+    def __init__(self, model, vocab_size, name):
+        self.model, self.start, self.name = model, vocab_size, name
+
+    def blocks(self):
+        return self.model.recurrent_blocks() + self.model.head_blocks()
 
     def inputs(self, targets):
         """(T, B) ids: start, then targets[:-1], with padding (negative ids) read as the start token."""
-        xp = self.parts["rnn"].xp
+        check_ids(targets, self.name)
+        xp = self.model.xp
         targets = xp.asarray(targets)
+        if targets.dtype.kind not in "iu":
+            raise TypeError(f"{self.name} must hold integer ids, got dtype {targets.dtype.name}")
+        if targets.size and int(targets.max()) >= self.start:
+            raise ValueError(f"{self.name} must hold ids in 0..{self.start - 1} (negative for padding), "
+                             f"got {int(targets.max())}")
         prev = xp.concatenate([xp.full((1,) + targets.shape[1:], self.start, targets.dtype), targets[:-1]])
         return xp.where(prev < 0, self.start, prev)
 
-    def forward(self, targets, state0, training):
-        return stack_forward(self.parts, self.inputs(targets), state0, None, training)
+    def forward(self, inputs, state0, training):
+        """logits, state_n, ctxs for inputs(targets)."""
+        out, (state_n,), ctxs = chain_forward(self.blocks(), inputs, [state0], None, training)
+        return out, state_n, ctxs
 
-    def backward(self, ctx, dout, dstate):
-        return stack_backward(self.parts, ctx, dout, dstate)[1]
+    def backward(self, ctxs, dout, dstate):
+        return chain_backward(self.blocks(), ctxs, dout, [dstate])[1][0]
 
     def greedy(self, state0, batch, steps):
-        xp = self.parts["rnn"].xp
-        return stack_rollout(self.parts, xp.full(batch, self.start), state0, steps, greedy)[0]
+        xp = self.model.xp
+        return rollout(self.blocks(), xp.full(batch, self.start), state0, steps, greedy)[0]
 
 
-def decoder_parts(vocab_size, hidden_size, cell, num_layers, embedding_dim, dtype, backend, seed):
-    return build_stack(vocab_size + 1, hidden_size, vocab_size, cell, num_layers, embedding_dim, dtype, backend,
-                       seed)
+def decoder_parts(vocab_size, hidden_size, cell, num_layers, embedding_dim, dropout, dtype, backend, seed):
+    config = dict(input_size=vocab_size + 1, hidden_size=hidden_size, output_size=vocab_size, cell=cell,
+                  num_layers=num_layers, embedding_dim=embedding_dim, dropout=dropout, dtype=dtype)
+    return build_stack(config, backend, seed)
 
 
 class Generator(SequenceModel):
@@ -299,40 +308,45 @@ class Generator(SequenceModel):
     choice at inference). forward(v, targets (T, B)) -> logits (T, B, vocab_size); targets < 0 are padding."""
 
     def __init__(self, input_size, hidden_size, vocab_size, cell="lstm", num_layers=1, embedding_dim=16,
-                 dtype="float32", backend="auto", seed=None):
-        config = dict(kind="Generator", input_size=input_size, hidden_size=hidden_size, vocab_size=vocab_size,
-                      cell=cell, num_layers=num_layers, embedding_dim=embedding_dim, dtype=np.dtype(dtype).name)
+                 dropout=0.0, dtype="float32", backend="auto", seed=None):
+        c = model_config("Generator", dict(input_size=(input_size, False), hidden_size=(hidden_size, False),
+                         vocab_size=(vocab_size, False), embedding_dim=(embedding_dim, False)),
+                         cell, num_layers, dropout, dtype)
         s = sub_seeds(seed, 2)
-        parts = {"init": Linear(input_size, num_layers * hidden_size, dtype=dtype, seed=s[0])}
-        parts.update(decoder_parts(vocab_size, hidden_size, cell, num_layers, embedding_dim, dtype, backend, s[1]))
-        super().__init__(config, parts)
-        self.decoder = Decoder(parts, vocab_size)
+        parts = {"init": Linear(c["input_size"], c["num_layers"] * c["hidden_size"], dtype=dtype, seed=s[0])}
+        parts.update(decoder_parts(c["vocab_size"], c["hidden_size"], c["cell"], c["num_layers"],
+                                   c["embedding_dim"], c["dropout"], c["dtype"], backend, s[1]))
+        super().__init__(c, parts)
+        self.decoder = Decoder(self, c["vocab_size"], "targets")
 
-    def initial_state(self, v):
+    def initial_state(self, v, training):
         """state0 from v (B, I): h0 (L, B, H) = tanh(v W^T + b), c0 = 0."""
         L, H = self.rnn.num_layers, self.rnn.hidden_size
-        pre, ictx = self.parts["init"].forward(v)                               # (B, L*H)
+        pre, ictx = self.parts["init"].forward(v, training=training)            # (B, L*H)
         h0 = self.xp.ascontiguousarray(self.xp.tanh(pre).reshape(-1, L, H).transpose(1, 0, 2))   # (L, B, H)
-        return lstm_state(self.config["cell"], h0, self.xp), (ictx, h0)
+        return lstm_state(self._config["cell"], h0, self.xp), (ictx, h0)
 
-    def forward(self, v, targets, training=True):
+    def forward(self, v, targets, training=None):
         """logits (T, B, vocab_size), state_n, ctx."""
-        state0, ictx = self.initial_state(v)
-        out, state_n, dctx = self.decoder.forward(targets, state0, training)
-        return out, state_n, ((ictx, dctx) if training else None)
+        training = self.is_training(training)
+        inputs = self.decoder.inputs(targets)
+        state0, ictx = self.initial_state(v, training)
+        out, state_n, dctxs = self.decoder.forward(inputs, state0, training)
+        return out, state_n, (SavedCtx(self, (ictx, dctxs)) if training else None)
 
     def backward(self, ctx, dout, dstate=None):
         """dv (B, I), None. dout: (T, B, vocab_size)."""
-        (ictx, h0), dctx = ctx
-        dh0 = state_h(self.decoder.backward(dctx, dout, dstate))              # (L, B, H)
+        (ictx, h0), dctxs = saved(ctx, self)
+        dh0 = state_h(self.decoder.backward(dctxs, dout, dstate))             # (L, B, H)
         # h0 = tanh(pre):  dpre = dh0 (1 - h0^2), laid back out as (B, L*H)
         dpre = (dh0 * (1 - h0 * h0)).transpose(1, 0, 2).reshape(h0.shape[1], -1)
         return self.parts["init"].backward(ictx, self.xp.ascontiguousarray(dpre)), None
 
     def generate(self, v, steps):
         """ids (steps, B): greedy decoding, each step reading the model's own previous choice."""
-        state0, _ = self.initial_state(v)
-        return self.decoder.greedy(state0, v.shape[0], checks.positive_int(steps, "steps"))
+        steps = checks.positive_int(steps, "steps")
+        state0, _ = self.initial_state(v, False)
+        return self.decoder.greedy(state0, v.shape[0], steps)
 
 
 class Seq2Seq(SequenceModel):
@@ -341,47 +355,79 @@ class Seq2Seq(SequenceModel):
     inference (generate)."""
 
     def __init__(self, src_vocab, tgt_vocab, hidden_size, cell="lstm", num_layers=1, embedding_dim=16,
-                 dtype="float32", backend="auto", seed=None):
-        config = dict(kind="Seq2Seq", src_vocab=src_vocab, tgt_vocab=tgt_vocab, hidden_size=hidden_size, cell=cell,
-                      num_layers=num_layers, embedding_dim=embedding_dim, dtype=np.dtype(dtype).name)
-        s = sub_seeds(seed, 3)
-        parts = {"src_embedding": Embedding(src_vocab, embedding_dim, dtype=dtype, seed=s[0]),
-                 "encoder": make_rnn(cell, embedding_dim, hidden_size, num_layers, dtype, backend, s[1])}
-        parts.update(decoder_parts(tgt_vocab, hidden_size, cell, num_layers, embedding_dim, dtype, backend, s[2]))
-        super().__init__(config, parts)
-        self.decoder = Decoder(parts, tgt_vocab)
+                 dropout=0.0, dtype="float32", backend="auto", seed=None):
+        c = model_config("Seq2Seq", dict(src_vocab=(src_vocab, False), tgt_vocab=(tgt_vocab, False),
+                         hidden_size=(hidden_size, False), embedding_dim=(embedding_dim, False)),
+                         cell, num_layers, dropout, dtype)
+        s = sub_seeds(seed, 4)
+        E, H, L = c["embedding_dim"], c["hidden_size"], c["num_layers"]
+        parts = {"src_embedding": Embedding(c["src_vocab"], E, dtype=dtype, seed=s[0]),
+                 "encoder": make_rnn(c["cell"], E, H, L, c["dropout"], dtype, backend, s[1])}
+        parts.update(decoder_parts(c["tgt_vocab"], H, c["cell"], L, E, c["dropout"], c["dtype"], backend, s[2]))
+        super().__init__(c, parts)
+        self.decoder = Decoder(self, c["tgt_vocab"], "tgt")
 
     def encode(self, src, src_lengths, training):
-        e, ectx = self.parts["src_embedding"].forward(src)                     # (S, B, E)
-        y, state, rctx = self.parts["encoder"].forward(e, None, src_lengths, training)
-        return state, (ectx, rctx, y.shape)
+        check_ids(src, "src")
+        blocks = self.recurrent_blocks("src_embedding", "encoder")
+        y, (state,), ctxs = chain_forward(blocks, src, [None], src_lengths, training)
+        return state, (ctxs, y.shape)
 
-    def forward(self, src, tgt, src_lengths=None, training=True):
+    def forward(self, src, tgt, src_lengths=None, training=None):
         """logits (T, B, tgt_vocab), decoder state_n, ctx. tgt: (T, B) ids, < 0 for padding."""
+        training = self.is_training(training)
+        inputs = self.decoder.inputs(tgt)
         state, ectx = self.encode(src, src_lengths, training)
-        out, state_n, dctx = self.decoder.forward(tgt, state, training)
-        return out, state_n, ((ectx, dctx) if training else None)
+        out, state_n, dctxs = self.decoder.forward(inputs, state, training)
+        return out, state_n, (SavedCtx(self, (ectx, dctxs)) if training else None)
 
     def backward(self, ctx, dout, dstate=None):
         """None, None (ids take no gradient). dout: (T, B, tgt_vocab)."""
-        (ectx, rctx, shape), dctx = ctx
-        dstate_enc = self.decoder.backward(dctx, dout, dstate)
-        de, _ = self.parts["encoder"].backward(rctx, self.xp.zeros(shape, self.dtype), dstate_enc)
-        self.parts["src_embedding"].backward(ectx, de)
+        (ectxs, shape), dctxs = saved(ctx, self)
+        dstate_enc = self.decoder.backward(dctxs, dout, dstate)
+        chain_backward(self.recurrent_blocks("src_embedding", "encoder"), ectxs, self.xp.zeros(shape, self.dtype),
+                       [dstate_enc])
         return None, None
 
     def generate(self, src, steps, src_lengths=None):
         """ids (steps, B) by greedy decoding."""
+        steps = checks.positive_int(steps, "steps")
         state, _ = self.encode(src, src_lengths, False)
-        return self.decoder.greedy(state, src.shape[1], checks.positive_int(steps, "steps"))
+        return self.decoder.greedy(state, np.shape(src)[1], steps)
 
 
-MODELS = {cls.__name__: cls for cls in (Tagger, CharLM, Classifier, Generator, Seq2Seq)}
+KINDS = {cls.__name__: cls for cls in (Tagger, CharLM, Classifier, Generator, Seq2Seq, RNN, LSTM, GRU, JordanRNN,
+                                       Linear, Embedding, Dropout, Sequential)}
+MODELS = KINDS      # the name older code used
+
+
+def register(cls):
+    """Make build_model rebuild instances of a Module subclass of your own: its `config` (a JSON-able dict with
+    "kind": cls.__name__) must hold its constructor's keyword arguments. Usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Module)):
+        raise TypeError(f"register takes a Module subclass, got {cls!r}")
+    KINDS[cls.__name__] = cls
+    return cls
 
 
 def build_model(config, backend="auto", seed=None):
-    """The model a config describes (as `model.config` wrote it), with fresh parameters."""
-    if not isinstance(config, dict) or config.get("kind") not in MODELS:
-        raise ValueError(f"config must be a model config with kind in {', '.join(MODELS)}, got {config!r:.80}")
+    """The module a config describes (as `obj.config` wrote it: a layer, block, Sequential or model), with fresh
+    parameters; `backend` goes to the recurrent layers, `seed` seeds the draw."""
+    if not isinstance(config, dict) or config.get("kind") not in KINDS:
+        raise ValueError(f"config must be a module config with kind in {', '.join(KINDS)}, got {config!r:.80}")
+    kind = config["kind"]
+    if kind == "Sequential":
+        modules = config.get("modules")
+        if not isinstance(modules, (list, tuple)) or \
+                not all(isinstance(e, (list, tuple)) and len(e) == 2 for e in modules):
+            raise ValueError("a Sequential config needs 'modules': a list of [name, config] pairs")
+        seeds = sub_seeds(seed, len(modules))
+        return Sequential({name: build_model(c, backend, s) for (name, c), s in zip(modules, seeds)})
+    cls = KINDS[kind]
     kwargs = {k: v for k, v in config.items() if k != "kind"}
-    return MODELS[config["kind"]](**kwargs, backend=backend, seed=seed)
+    params = inspect.signature(cls).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for name, value in (("backend", backend), ("seed", seed)):
+        if name in params or takes_any:
+            kwargs[name] = value
+    return cls(**kwargs)

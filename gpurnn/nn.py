@@ -1,15 +1,18 @@
-"""Linear, Embedding and the losses (softmax cross-entropy, MSE, BCE with logits): forward/ctx/backward, no autograd.
+"""Linear, Embedding, Dropout, Sequential and the losses (softmax cross-entropy, MSE, BCE with logits):
+forward/ctx/backward, no autograd.
 
-Each `forward` returns its result and a ctx; `backward(ctx, d...)` returns the gradient for the input and, for the
-modules, adds the parameter gradients into `grads`. Losses return a Python float and need no parameters.
+Each `forward` returns its result and a ctx (None with training=False); `backward(ctx, d...)` returns the
+gradient for the input and, for the modules, adds the parameter gradients into `grads`. Losses return a Python
+float and need no parameters.
 """
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import checks
-from .backend import array_device, array_module, as_array
-from .module import Module
+from .backend import array_device, array_module
+from .module import Module, Parameter  # noqa: F401 (part of gpurnn.nn's API)
+from .sequential import Sequential  # noqa: F401 (part of gpurnn.nn's API)
 
 
 @dataclass
@@ -29,7 +32,7 @@ def float_input(a, name):
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
     where = array_device(a)
-    a = as_array(a, where, name)
+    a = checks.convert(a, where, name)
     if a.dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype.name}")
     return checks.array(a, name, where, a.dtype)
@@ -42,7 +45,7 @@ def integer_input(a, name, device):
     where = array_device(a)
     if where != device:
         raise ValueError(f"{name} is on device '{where}' but must be on '{device}'")
-    a = as_array(a, device, name)
+    a = checks.convert(a, device, name)
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integer indices, got dtype {a.dtype.name}")
     return a
@@ -62,27 +65,36 @@ class Linear(Module):
     """y = x W^T + b.  weight (O, I), bias (O,), both U(-1/sqrt(I), 1/sqrt(I))."""
 
     def __init__(self, in_features, out_features, bias=True, dtype="float32", seed=None):
+        I = checks.positive_int(in_features, "in_features")
+        O = checks.positive_int(out_features, "out_features")
+        bias = checks.flag(bias, "bias")
+        checks.fits_in_memory(O * (I + bias), checks.float_dtype(dtype), f"Linear({I}, {O})")
         super().__init__(dtype, "auto", seed)
-        self.in_features = checks.positive_int(in_features, "in_features")
-        self.out_features = checks.positive_int(out_features, "out_features")
-        bound = 1.0 / np.sqrt(self.in_features)
-        self.add_param("weight", (self.out_features, self.in_features), bound)
+        self.in_features, self.out_features = I, O
+        bound = 1.0 / np.sqrt(I)
+        self.add_param("weight", (O, I), bound)
         if bias:
-            self.add_param("bias", (self.out_features,), bound)
+            self.add_param("bias", (O,), bound)
+
+    @property
+    def config(self):
+        return dict(kind="Linear", in_features=self.in_features, out_features=self.out_features,
+                    bias="bias" in self.params, dtype=self.dtype.name)
 
     def __repr__(self):
         return (f"Linear({self.in_features}, {self.out_features}, bias={'bias' in self.params}, "
                 f"dtype={self.dtype.name}, device={self.device!r})")
 
-    def forward(self, x):
+    def forward(self, x, training=None):
         """y (..., O), ctx. x: (..., I)."""
+        training = self.is_training(training)
         x = checks.array(x, "x", self.device, self.dtype)
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., {self.in_features}) (in_features last), got {tuple(x.shape)}")
         y = x.reshape(-1, self.in_features) @ self.params["weight"].T       # (N, O)
         if "bias" in self.params:
             y += self.params["bias"]
-        return y.reshape(x.shape[:-1] + (self.out_features,)), SavedCtx(self, (x,))
+        return y.reshape(x.shape[:-1] + (self.out_features,)), (SavedCtx(self, (x,)) if training else None)
 
     def backward(self, ctx, dy):
         """dx (..., I). dy: (..., O). Adds dW = dy^T x and db = sum dy into grads."""
@@ -97,35 +109,44 @@ class Linear(Module):
 
 class Embedding(Module):
     """y = weight[ids].  weight (V, E) ~ N(0, 1); the row `padding_idx` is zero and takes no gradient."""
+    input_grad = False      # ids take no gradient: backward returns None
 
     def __init__(self, num_embeddings, embedding_dim, padding_idx=None, dtype="float32", seed=None):
-        super().__init__(dtype, "auto", seed)
-        V = self.num_embeddings = checks.positive_int(num_embeddings, "num_embeddings")
-        E = self.embedding_dim = checks.positive_int(embedding_dim, "embedding_dim")
+        V = checks.positive_int(num_embeddings, "num_embeddings")
+        E = checks.positive_int(embedding_dim, "embedding_dim")
         if padding_idx is not None:
             if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)) \
                     or not -V <= padding_idx < V:
                 raise ValueError(f"padding_idx must be an integer in -{V}..{V - 1} or None, got {padding_idx!r}")
             padding_idx = int(padding_idx) % V
+        checks.fits_in_memory(V * E, checks.float_dtype(dtype), f"Embedding({V}, {E})")
+        super().__init__(dtype, "auto", seed)
+        self.num_embeddings, self.embedding_dim = V, E
         self.padding_idx = padding_idx
         self.params["weight"] = self.rng.standard_normal((V, E)).astype(self.dtype)
         if padding_idx is not None:
             self.params["weight"][padding_idx] = 0
         self.grads["weight"] = np.zeros((V, E), self.dtype)
 
+    @property
+    def config(self):
+        return dict(kind="Embedding", num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
+                    padding_idx=self.padding_idx, dtype=self.dtype.name)
+
     def __repr__(self):
         return (f"Embedding({self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
                 f"dtype={self.dtype.name}, device={self.device!r})")
 
-    def forward(self, ids):
+    def forward(self, ids, training=None):
         """y (..., E), ctx. ids: integer array of any shape, each in 0..V-1."""
+        training = self.is_training(training)
         ids = integer_input(ids, "ids", self.device)
         bad = (ids < 0) | (ids >= self.num_embeddings)
         if bool(bad.any()):
             values = sorted({int(v) for v in ids[bad].ravel()[:5].tolist()})
             raise ValueError(f"ids must lie in 0..{self.num_embeddings - 1} (num_embeddings), "
                              f"got out-of-range ids {values}")
-        return self.params["weight"][ids], SavedCtx(self, (ids,))
+        return self.params["weight"][ids], (SavedCtx(self, (ids,)) if training else None)
 
     def backward(self, ctx, dy):
         """None (ids take no gradient). dy: (..., E). Adds dW[v] = sum of dy over the positions holding id v."""
@@ -139,11 +160,47 @@ class Embedding(Module):
         return None
 
 
+class Dropout(Module):
+    """y = x * mask in training, mask = 0 with probability p, else 1 / (1 - p) (drawn per element on x's device:
+    the module's seeded generator on the CPU, the array module's on a GPU), so E[y] = x; y = x in eval."""
+
+    def __init__(self, p=0.5, seed=None):
+        p = checks.number(p, "p", 0.0, 1.0)
+        super().__init__(None, "auto", seed)
+        self.p = p
+
+    @property
+    def config(self):
+        return {"kind": "Dropout", "p": self.p}
+
+    def __repr__(self):
+        return f"Dropout(p={self.p})"
+
+    def forward(self, x, training=None):
+        """y like x, ctx. x: a float array of any shape."""
+        training = self.is_training(training)
+        x = float_input(x, "x")
+        if not training:
+            return x, None
+        mask = self.dropout_mask(x, self.p) if self.p else None
+        return (x if mask is None else x * mask), SavedCtx(self, (x, mask))
+
+    def backward(self, ctx, dy):
+        """dx = dy * mask. dy: like x."""
+        x, mask = saved(ctx, self)
+        dy = checks.array(dy, "dy", array_device(x), x.dtype, tuple(x.shape))
+        return dy if mask is None else dy * mask
+
+
 class Loss:
-    """Shared by the losses: `reduction` and backward = the gradient worked out in forward, times dloss."""
+    """Shared by the losses: `reduction` and backward = the gradient worked out in forward, times dloss.
+    Calling a loss is its forward: `loss, ctx = criterion(pred, target)`."""
 
     def __init__(self, reduction="mean"):
         self.reduction = checks.choice(reduction, "reduction", ("mean", "sum"))
+
+    def __call__(self, pred, target):
+        return self.forward(pred, target)
 
     def __repr__(self):
         return f"{type(self).__name__}(reduction={self.reduction!r})"
@@ -220,7 +277,7 @@ class ElementwiseLoss(Loss):
             raise ValueError("pred must have at least one element")
         if target is None:
             raise TypeError("target must be an array, got None")
-        target = as_array(target, array_device(target), "target")
+        target = checks.convert(target, array_device(target), "target")
         if target.dtype.kind not in "biuf":
             raise TypeError(f"target must hold real numbers, got dtype {target.dtype.name}")
         target = checks.array(target.astype(pred.dtype, copy=False), "target", array_device(pred), pred.dtype,

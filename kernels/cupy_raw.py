@@ -3,7 +3,8 @@
 Interface and shapes: see ``kernels/__init__.py``. Every step of a sweep is one GEMM (``cupy.matmul``, cuBLAS) into
 a buffer allocated once per call, then one fused pointwise launch (Jordan: two GEMMs, two launches). Everything
 goes on CuPy's current stream and nothing in a time loop waits for the device. The .cu files are compiled into one
-``cupy.RawModule`` on first use, once per device, never at import; cupy itself is imported on first use.
+``cupy.RawModule`` on first use, once per device, never at import; cupy itself is imported on first use. With
+GPURNN_CUDA_HOST=1 the same code runs on NumPy arrays, its kernels compiled for the CPU (``cuda_host``, ``cupy_host``).
 ``sweep="auto"`` is the per-step sweep; this backend has no persistent (one-launch) sweep yet.
 """
 import functools
@@ -76,6 +77,11 @@ def _kernel(device_id, name):
 
 
 def _cupy():
+    """cupy, or its NumPy stand-in under GPURNN_CUDA_HOST=1."""
+    from .cuda_host import enabled
+    if enabled():
+        from . import cupy_host
+        return cupy_host
     import cupy
     return cupy
 

@@ -6,6 +6,7 @@ name; ``nvcc``, where it is on PATH, compiles the same source with every instant
 Either way each kernel must appear in the cubin's symbols.
 """
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -149,7 +150,8 @@ print(json.dumps({"loaded": loaded, "modules_built": cupy_raw._module.cache_info
 
 
 def test_imports_without_cupy_and_compiles_nothing():
-    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, check=True)
+    env = {**os.environ, "GPURNN_CUDA_HOST": "0"}      # the real backend: CuPy, not the CPU harness's stand-in
+    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, check=True, env=env)
     report = json.loads(out.stdout)
     assert report == {"loaded": [], "modules_built": 0, "names": len(cupy_raw.kernel_names()),
                       "call_needs_cupy": True}

@@ -1,4 +1,7 @@
 """Bad input raises ValueError/TypeError naming what was wrong, and changes nothing."""
+import math
+import pickle
+
 import numpy as np
 import pytest
 
@@ -81,7 +84,7 @@ def test_bad_backward(trained):
         layer.backward(None, y)
     other = make_layer(layer.cell, 3, 4, num_layers=2, bidirectional=True, seed=0)
     _, _, other_ctx = other.forward(x)
-    with pytest.raises(ValueError, match="another layer"):
+    with pytest.raises(ValueError, match=r"made by the forward of another (LSTM|GRU|RNN) "):
         layer.backward(other_ctx, y)
 
 
@@ -120,7 +123,8 @@ def test_bad_nonlinearity():
         gpurnn.JordanRNN(3, 4, 2, output_nonlinearity="softmax")
 
 
-def test_gpu_backend_without_gpu_data():
+def test_gpu_backend_without_gpu_data(monkeypatch):
+    monkeypatch.setattr(gpurnn.backend, "cuda_host", lambda: False)    # not the CPU harness: cupy needs a GPU
     layer = gpurnn.GRU(3, 4, backend="cupy")
     with pytest.raises(ValueError, match="backend='cupy' needs GPU arrays"):
         layer.forward(np.zeros((2, 1, 3), np.float32))
@@ -152,3 +156,95 @@ def test_cpu_dlpack_input_is_accepted():
     layer = gpurnn.GRU(3, 4, seed=0)
     x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
     np.testing.assert_array_equal(layer.forward(torch.from_numpy(x))[0], layer.forward(x)[0])
+
+
+# --- the audit's inputs: every one refused with an error naming the argument, changing nothing ---
+
+def state_of(objs):
+    """Bytes of everything the objects hold: each module's params, grads and RNG state; optimizers' state dicts."""
+    out = []
+    for o in objs:
+        if isinstance(o, gpurnn.module.Module):
+            for _, m in o.named_modules():
+                out.append((m.params, m.grads, m.rng.bit_generator.state))
+        else:
+            out.append(o.state_dict())
+    return pickle.dumps(out)
+
+
+def charlm(seed=0):
+    return gpurnn.models.CharLM("abcd", hidden_size=4, embedding_dim=3, seed=seed)
+
+
+def with_nan(model, key):
+    sd = model.state_dict()
+    sd[key][0] = np.nan
+    return sd
+
+
+def lm_ctx(model):
+    return model(np.zeros((3, 2), np.int64))
+
+
+AUDIT = [
+    # accepted before, each silently doing something else
+    ("bidirectional='no'", lambda: (), lambda: gpurnn.LSTM(4, 8, bidirectional="no"), TypeError,
+     "bidirectional must be True or False, got 'no'"),
+    ("batch_first='False'", lambda: (), lambda: gpurnn.GRU(4, 8, batch_first="False"), TypeError, "batch_first"),
+    ("bias='False'", lambda: (), lambda: gpurnn.RNN(4, 8, bias="False"), TypeError, "bias must be True or False"),
+    ("SGD lr=inf", lambda: (charlm(),), lambda m: gpurnn.optim.SGD(m, lr=math.inf), ValueError, "lr must lie in"),
+    ("Adam lr=inf", lambda: (charlm(),), lambda m: gpurnn.optim.Adam(m, lr=math.inf), ValueError, "lr must lie in"),
+    ("SGD weight_decay=inf", lambda: (charlm(),), lambda m: gpurnn.optim.SGD(m, weight_decay=math.inf), ValueError,
+     "weight_decay must lie in"),
+    ("RMSprop alpha=1.5", lambda: (charlm(),), lambda m: gpurnn.optim.RMSprop(m, alpha=1.5), ValueError,
+     r"alpha must lie in \[0.0, 1.0\)"),
+    ("Adam eps=inf", lambda: (charlm(),), lambda m: gpurnn.optim.Adam(m, eps=math.inf), ValueError,
+     "eps must lie in"),
+    ("CharLM NaN weights", lambda: (charlm(),), lambda m: m.load_state_dict(with_nan(m, "rnn.weight_hh_l0")),
+     ValueError, "rnn.weight_hh_l0: holds NaN or Inf"),
+    ("layer Inf weights", lambda: (gpurnn.GRU(2, 3),),
+     lambda m: m.load_state_dict({**m.state_dict(), "bias_ih_l0": np.full(9, np.inf)}), ValueError,
+     "bias_ih_l0: holds NaN or Inf"),
+    ("Seq2Seq tgt == tgt_vocab", lambda: (gpurnn.models.Seq2Seq(5, 4, 3, seed=0),),
+     lambda m: m(np.zeros((2, 1), np.int64), np.array([[1], [4]])), ValueError,
+     r"tgt must hold ids in 0..3 \(negative for padding\), got 4"),
+    ("Generator target == vocab", lambda: (gpurnn.models.Generator(2, 3, 4, seed=0),),
+     lambda m: m(np.zeros((1, 2), np.float32), np.array([[4]])), ValueError, "targets must hold ids in 0..3"),
+    ("optimizer negative step", lambda: (gpurnn.optim.SGD(charlm()),),
+     lambda o: o.load_state_dict({**o.state_dict(), "step": -1}), ValueError, "step"),
+    ("dropout='0.5'", lambda: (), lambda: gpurnn.LSTM(4, 8, num_layers=2, dropout="0.5"), TypeError,
+     "dropout must be a number"),
+    ("dropout=1.5", lambda: (), lambda: gpurnn.nn.Dropout(1.5), ValueError, r"p must lie in \[0.0, 1.0\]"),
+    ("Linear bias='no'", lambda: (), lambda: gpurnn.nn.Linear(2, 3, bias="no"), TypeError, "bias"),
+    ("Classifier batch_first=1", lambda: (), lambda: gpurnn.models.Classifier(2, 3, 2, batch_first=1), TypeError,
+     "batch_first must be True or False"),
+    ("training='yes'", lambda: (gpurnn.GRU(2, 3),), lambda m: m(np.zeros((1, 1, 2), np.float32), training="yes"),
+     TypeError, "training must be True or False"),
+    ("hidden_size=10**9", lambda: (), lambda: gpurnn.LSTM(4, 10 ** 9), ValueError,
+     r"LSTM\(4, 1000000000, num_layers=1\) would need .* GiB"),
+    ("embedding 10**9", lambda: (), lambda: gpurnn.nn.Embedding(10 ** 9, 10 ** 9), ValueError,
+     "Embedding.* would need"),
+    # unclear before
+    ("seed=-1", lambda: (), lambda: gpurnn.GRU(2, 3, seed=-1), ValueError, "seed must be None or an integer >= 0"),
+    ("seed='abc'", lambda: (), lambda: gpurnn.nn.Linear(2, 3, seed="abc"), TypeError, "seed must be None or an"),
+    ("seed=1.5", lambda: (), lambda: gpurnn.models.CharLM("ab", seed=1.5), TypeError, "seed must be None or an"),
+    ("sample seed=-1", lambda: (charlm(),), lambda m: m.sample(3, seed=-1), ValueError, "seed must be None"),
+    ("ragged x", lambda: (gpurnn.GRU(2, 3),), lambda m: m([[[1.0, 2.0]], [[1.0]]]), ValueError,
+     "x must be an array or nested lists of equal lengths"),
+    ("CharLM 1-D ids", lambda: (charlm(),), lambda m: m(np.array([0, 1, 2])), ValueError,
+     r"x must be token ids of shape \(T, B\) \(time, batch\), got shape \(3,\)"),
+    ("another model's ctx", lambda: (charlm(0), charlm(1)), lambda a, b: a.backward(lm_ctx(b)[2], np.zeros((3, 2, 4))),
+     ValueError, r"made by the forward of another CharLM \(CharLM\(.*\)\), not of this CharLM"),
+    ("a Tagger's ctx to a Classifier", lambda: (gpurnn.models.Classifier(2, 3, 2), gpurnn.models.Tagger(2, 3, 2)),
+     lambda c, t: c.backward(t(np.zeros((2, 1, 2), np.float32))[2], np.zeros((1, 2), np.float32)), ValueError,
+     "another Tagger .*not of this Classifier"),
+]
+
+
+@pytest.mark.parametrize("make, act, error, match", [row[1:] for row in AUDIT], ids=[row[0] for row in AUDIT])
+def test_audit_inputs_are_refused_and_change_nothing(make, act, error, match):
+    objs = make()
+    before = state_of(objs)
+    with pytest.raises(error, match=match):
+        act(*objs)
+    assert state_of(objs) == before

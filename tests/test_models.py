@@ -129,3 +129,22 @@ def test_charlm_rejects_bad_arguments(bad):
     kwargs.update(bad)
     with pytest.raises(ValueError):
         models.CharLM(**kwargs)
+
+
+@pytest.mark.parametrize("kind", ["Tagger", "Classifier"])
+def test_batch_first_equals_time_major(kind):
+    rng = np.random.default_rng(2)
+    cls = getattr(models, kind)
+    time_major = cls(3, 4, 2, num_layers=2, dtype="float64", seed=0)
+    batch_first = cls(3, 4, 2, num_layers=2, batch_first=True, dtype="float64", seed=5)
+    batch_first.load_state_dict(time_major.state_dict())
+    x, lengths = rng.standard_normal((5, 3, 3)), np.array([5, 2, 4])
+    out_t, h_t, ctx_t = time_major(x, lengths=lengths)
+    out_b, h_b, ctx_b = batch_first(x.transpose(1, 0, 2), lengths=lengths)
+    np.testing.assert_allclose(out_b, out_t.transpose(1, 0, 2) if kind == "Tagger" else out_t, rtol=1e-12)
+    dout = rng.standard_normal(out_t.shape)
+    dx_t, _ = time_major.backward(ctx_t, dout)
+    dx_b, _ = batch_first.backward(ctx_b, dout.transpose(1, 0, 2) if kind == "Tagger" else dout)
+    np.testing.assert_allclose(dx_b, dx_t.transpose(1, 0, 2), rtol=1e-12)
+    for (name, p), (_, q) in zip(time_major.named_parameters(), batch_first.named_parameters()):
+        np.testing.assert_allclose(q.grad, p.grad, rtol=1e-12, atol=1e-15, err_msg=name)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from util import CELLS, make_layer, random_problem, to_device, to_numpy
+from util import CELLS, device_of, make_layer, random_problem, to_device, to_numpy
 
 torch = pytest.importorskip("torch")
 
@@ -53,8 +53,7 @@ def check_against_torch(layer, backend, problem, rtol, atol):
     """Run layer on problem = (x, state, lengths, dy, dstate) on backend; compare everything with torch."""
     x, state, lengths, dy, dstate = problem
     y_ref, sn_ref, dx_ref, ds_ref, g_ref = torch_run(torch_twin(layer), x, state, lengths, dy, dstate)
-    if backend != "numpy":
-        layer.to("cuda")
+    layer.to(device_of(backend))
     y, state_n, ctx = layer.forward(to_device(x, backend), to_device(state, backend), lengths)
     dx, dstate0 = layer.backward(ctx, to_device(dy, backend), to_device(dstate, backend))
     assert sorted(layer.grads) == sorted(g_ref)

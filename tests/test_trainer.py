@@ -1,5 +1,7 @@
 """The trainer: TBPTT gradients against full BPTT and finite differences, state carry, clipping, the NaN policy,
-exact resume (also after Ctrl-C) and argument checks."""
+non-finite updates undone, exact resume (also after SIGINT/SIGTERM/SIGHUP), checkpoint structure checks, a full
+disk, and argument checks."""
+import errno
 import math
 import os
 import signal
@@ -7,8 +9,9 @@ import signal
 import numpy as np
 import pytest
 
-from gpurnn import models, nn, optim
-from gpurnn.trainer import Callback, NonFiniteError, Trainer, parse_tbptt, windows
+from gpurnn import checkpoint, models, nn, optim
+from gpurnn.checkpoint import CheckpointError
+from gpurnn.trainer import Callback, Interrupted, NonFiniteError, Trainer, parse_tbptt, windows
 from util import numeric_grad
 
 
@@ -145,13 +148,91 @@ def test_nonfinite_updates_are_skipped_and_counted(tbptt):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")
-def test_nonfinite_raises_under_the_raise_policy():
-    model, trainer = regression_trainer(nan_policy="raise")
+@pytest.mark.parametrize("tbptt, where", [(None, "step 1: "), ((2, 2), "step 1, window t=2..3: ")])
+def test_nonfinite_raises_under_the_raise_policy_saying_where(tbptt, where):
+    model, trainer = regression_trainer(nan_policy="raise", tbptt=tbptt)
     before = model.state_dict()
-    with pytest.raises(NonFiniteError):
+    with pytest.raises(NonFiniteError, match=f"^{where}the loss or its gradients are not finite"):
         trainer.train_batch(regression_data(0, trainer.rng, poison_step=0))
+    if tbptt is None:
+        for k, v in model.state_dict().items():
+            np.testing.assert_array_equal(v, before[k])
+
+
+def optimizer_state(opt):
+    return opt.step_count, {b: {k: a.copy() for k, a in arrays.items()} for b, arrays in opt.state.items()}
+
+
+def assert_same_optimizer_state(a, b):
+    assert a[0] == b[0] and a[1].keys() == b[1].keys()
+    for buf in a[1]:
+        for k in a[1][buf]:
+            np.testing.assert_array_equal(a[1][buf][k], b[1][buf][k])
+
+
+class HugeLrAt(Callback):
+    """Sets the learning rate to 1e39 (infinite in float32 updates) for the updates numbered in `bad`."""
+
+    def __init__(self, bad, lr):
+        self.bad, self.lr, self.seen = bad, lr, []
+
+    def on_update(self, trainer, info):
+        trainer.optimizer.lr = 1e39 if info["update"] in self.bad and not self.seen else self.lr
+        self.before = ({k: v.copy() for k, v in trainer.model.state_dict().items()},
+                       optimizer_state(trainer.optimizer))
+
+    def on_nonfinite(self, trainer, info):
+        self.seen.append(info)
+
+
+@pytest.mark.parametrize("make_opt", [lambda m: optim.SGD(m.modules(), lr=0.1, momentum=0.9),
+                                      lambda m: optim.Adam(m.modules(), lr=0.01)])
+def test_a_nonfinite_update_is_undone_counted_and_training_goes_on(make_opt):
+    model = models.Tagger(2, 4, 1, cell="lstm", seed=0)
+    opt = make_opt(model)
+    hook = HugeLrAt({2}, opt.lr)
+    trainer = Trainer(model, nn.MSELoss(), opt, callbacks=[hook], progress=False)
+    trainer.fit(lambda i, rng: regression_data(i, rng), 3)          # update 2 is non-finite: undone
+    params, opt_state = hook.before                                  # as they were just before update 2
+    assert len(hook.seen) == 1 and trainer.skipped == 1 and trainer.updates == 2
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, params[k])
+    assert_same_optimizer_state(optimizer_state(opt), opt_state)
+    trainer.fit(lambda i, rng: regression_data(i, rng), 5)
+    assert trainer.updates == 4 and trainer.nonfinite_in_row == 0
+    assert all(np.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_nonfinite_updates_in_a_row_stop_the_run_naming_the_step_and_the_learning_rate(tmp_path):
+    model = models.Tagger(2, 4, 1, cell="gru", seed=0)
+    trainer = Trainer(model, nn.MSELoss(), optim.Adam(model.modules(), lr=1e39), max_nonfinite_in_row=3,
+                      checkpoint_dir=tmp_path, progress=False)
+    before = model.state_dict()
+    with pytest.raises(NonFiniteError, match=r"^step 3: the update made parameters non-finite \(undone\) .* in 3 "
+                                             r"updates in a row; stopped: the learning rate \(1e\+39\) is likely"):
+        trainer.fit(lambda i, rng: regression_data(i, rng), 10)
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
+    assert trainer.skipped == 2 and trainer.optimizer.step_count == 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_raise_policy_undoes_a_nonfinite_update_before_raising():
+    model = models.Tagger(2, 4, 1, seed=0)
+    trainer = Trainer(model, nn.MSELoss(), optim.SGD(model.modules(), lr=1e39), nan_policy="raise", progress=False)
+    before = model.state_dict()
+    with pytest.raises(NonFiniteError, match="step 1: the update made parameters non-finite"):
+        trainer.fit(lambda i, rng: regression_data(i, rng), 1)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_a_nonfinite_model_is_never_saved(tmp_path):
+    model, trainer = regression_trainer(checkpoint_dir=tmp_path)
+    model.parts["head"].params["bias"][0] = np.inf
+    with pytest.raises(NonFiniteError, match="not saving a checkpoint"):
+        trainer.save()
+    assert os.listdir(tmp_path) == []
 
 
 def char_data(step, rng):
@@ -183,27 +264,119 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert second.model.sample(20, seed=None) == whole.model.sample(20, seed=None)
 
 
-class InterruptAt(Callback):
-    def __init__(self, step):
-        self.step = step
+class SignalAt(Callback):
+    """Sends this process `signum` from inside the step callback, `times` times: signal.raise_signal delivers it
+    to this thread before it returns, so the trainer sees it at a known point (no timing involved)."""
+
+    def __init__(self, step, signum, times=1):
+        self.step, self.signum, self.times = step, signum, times
 
     def on_step(self, trainer, stats):
         if stats["step"] == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(self.times):
+                signal.raise_signal(self.signum)
 
 
-def test_ctrl_c_saves_after_the_batch_then_resumes_exactly(tmp_path):
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+
+
+@pytest.mark.parametrize("signum", STOP_SIGNALS)
+def test_a_signal_saves_after_the_batch_then_resumes_exactly(tmp_path, signum):
     whole = char_trainer(tmp_path / "whole")
     whole.fit(char_data, 5)
-    cut = char_trainer(tmp_path / "cut", callbacks=[InterruptAt(2)])
-    with pytest.raises(KeyboardInterrupt):
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    cut = char_trainer(tmp_path / "cut", callbacks=[SignalAt(2, signum)])
+    with pytest.raises(Interrupted) as stopped:
         cut.fit(char_data, 5)
+    assert isinstance(stopped.value, KeyboardInterrupt)
+    assert stopped.value.signum == signum and stopped.value.saved == str(tmp_path / "cut" / "checkpoint.npz")
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == handlers
     resumed = char_trainer(tmp_path / "other")
     resumed.resume(tmp_path / "cut")
     assert resumed.step == 2
     resumed.fit(char_data, 5)
     assert [s["loss"] for s in resumed.history] == [s["loss"] for s in whole.history]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    for k, v in whole.model.state_dict().items():
+        np.testing.assert_array_equal(resumed.model.state_dict()[k], v)
+
+
+def test_a_second_signal_stops_at_once_without_saving(tmp_path):
+    cut = char_trainer(tmp_path / "cut", callbacks=[SignalAt(2, signal.SIGTERM, times=2)])
+    with pytest.raises(Interrupted) as stopped:
+        cut.fit(char_data, 5)
+    assert stopped.value.saved is None and not (tmp_path / "cut").exists()
+
+
+def test_every_save_keeps_the_one_before(tmp_path):
+    trainer = char_trainer(tmp_path, checkpoint_every=2)
+    trainer.fit(char_data, 5)
+    assert checkpoint.read(str(tmp_path / "checkpoint.npz"))["trainer"]["step"] == 5
+    assert checkpoint.read(str(tmp_path / "checkpoint.prev.npz"))["trainer"]["step"] == 4
+
+
+def test_a_full_disk_is_one_line_saying_the_previous_checkpoint_is_intact(tmp_path, monkeypatch):
+    trainer = char_trainer(tmp_path, checkpoint_every=2)
+    trainer.fit(char_data, 2)
+
+    def no_space(f, **arrays):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", no_space)
+    with pytest.raises(CheckpointError) as e:
+        trainer.fit(char_data, 4)
+    assert str(e.value) == (f"could not write a checkpoint at step 4 in {tmp_path} (No space left on device); "
+                            f"the previous checkpoint {tmp_path / 'checkpoint.npz'} (step 2) is intact")
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path)["trainer"]["step"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "checkpoint.prev.npz"]
+
+
+def drop(keys):
+    def edit(sd):
+        *path, last = keys
+        for k in path:
+            sd = sd[k]
+        del sd[last]
+    return edit
+
+
+def put(keys, value):
+    def edit(sd):
+        *path, last = keys
+        for k in path:
+            sd = sd[k]
+        sd[last] = value(sd[last]) if callable(value) else value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (drop(["model"]), "missing or malformed model"),
+    (drop(["trainer", "rng"]), "trainer.rng missing"),
+    (put(["trainer", "step"], -3), "trainer.step must be an integer >= 0, got -3"),
+    (put(["trainer", "skipped"], 1.5), "trainer.skipped must be an integer >= 0"),
+    (put(["trainer", "history"], "x"), "trainer.history must be a list of dicts"),
+    (put(["trainer", "rng"], {"bit_generator": "MT19937"}), "trainer.rng is not a PCG64 state"),
+    (put(["model", "rnn.weight_hh_l0"], lambda w: w[:, :-1]), r"rnn.weight_hh_l0: expected shape \(24, 6\)"),
+    (put(["model", "head.weight"], lambda w: w * np.nan), "weights are not finite .*head.weight"),
+    (put(["trainer", "state"], lambda s: (s[0][:1], s[0][:1])), r"trainer.state has shapes"),
+    (put(["trainer", "state"], lambda s: s[0] * np.inf), "trainer.state"),
+    (put(["optimizer", "step"], -1), "step"),
+])
+def test_malformed_checkpoints_are_one_line_errors_and_change_nothing(tmp_path, edit, message):
+    trainer = char_trainer(tmp_path / "a")
+    trainer.fit(char_data, 2)
+    payload = checkpoint.load(tmp_path / "a")
+    edit(payload)
+    checkpoint.save(tmp_path / "b", payload)
+    fresh = char_trainer(tmp_path / "c")
+    before = fresh.model.state_dict(), fresh.optimizer.state_dict(), fresh.rng.bit_generator.state
+    with pytest.raises(CheckpointError, match=message) as e:
+        fresh.resume(tmp_path / "b")
+    assert "\n" not in str(e.value) and str(tmp_path / "b" / "checkpoint.npz") in str(e.value)
+    assert fresh.step == 0 and fresh.state is None and fresh.rng.bit_generator.state == before[2]
+    for k, v in before[0].items():
+        np.testing.assert_array_equal(fresh.model.state_dict()[k], v)
+    assert fresh.optimizer.state_dict()["step"] == before[1]["step"]
 
 
 def test_resume_rejects_another_model_and_changes_nothing(tmp_path):
@@ -222,7 +395,7 @@ def test_resume_rejects_another_model_and_changes_nothing(tmp_path):
 @pytest.mark.parametrize("bad", [dict(tbptt=(0, 2)), dict(tbptt=(3, 2)), dict(tbptt="a,b"), dict(tbptt=(1, 2, 3)),
                                  dict(clip_norm=-1.0), dict(clip_norm=math.inf), dict(clip_value=0),
                                  dict(nan_policy="ignore"), dict(checkpoint_every=-1),
-                                 dict(checkpoint_every=5)])
+                                 dict(checkpoint_every=5), dict(max_nonfinite_in_row=0)])
 def test_bad_arguments_are_rejected(bad):
     model = tagger()
     with pytest.raises(ValueError):

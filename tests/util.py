@@ -3,11 +3,12 @@ import numpy as np
 
 from gpurnn import backend as _backend
 
-BACKENDS = ["numpy"] + (["numba", "cupy"] if _backend.gpu_available() else [])
+BACKENDS = ["numpy"] + (["numba", "cupy"] if _backend.gpu_available() else ["cupy"] if _backend.cuda_host() else [])
 
 
 def device_of(backend):
-    return "cpu" if backend == "numpy" else "cuda"
+    """Where a backend's arrays live: "cpu" for numpy, and for cupy on the CPU harness (GPURNN_CUDA_HOST=1)."""
+    return "cpu" if backend == "numpy" or (backend == "cupy" and _backend.cuda_host()) else "cuda"
 
 
 def to_device(a, backend):
@@ -64,3 +65,18 @@ def numeric_grad(loss, arr, eps=1e-6):
         arr[idx] = keep
         grad[idx] = (up - down) / (2 * eps)
     return grad
+
+
+def assert_same(a, b):
+    """Equal values of the same types, nested (tuples stay tuples, arrays keep dtype and shape; nan equals nan)."""
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    elif isinstance(a, (dict, list, tuple)):
+        assert type(b) is type(a) and len(a) == len(b)
+        for k in (a if isinstance(a, dict) else range(len(a))):
+            assert_same(a[k], b[k])
+    elif isinstance(a, float) and np.isnan(a):
+        assert np.isnan(b)
+    else:
+        assert a == b and type(a) is type(b) or isinstance(a, np.generic) and a.item() == b
