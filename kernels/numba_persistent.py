@@ -234,8 +234,21 @@ def block_ops(dtype):
             sm[U32(BT_ * (xq0 + r // BT_ * K + k) + r % BT_)] = v
             e = U32(e + threads)
 
+    @cuda.jit(**jit_options())
+    def begin_pass(sm, src, plane, B, K, tile0, tiles, ntiles, xq0, tid, threads, synced, staged):
+        """Start a pass over batch tiles tile0 .. tile0 + nt - 1 and return nt: a block barrier unless `synced`
+        (a grid barrier already separates this pass from the last reads of shared memory), then, if `staged`,
+        src[plane] (B, K) of those rows into shared memory (stage) and a block barrier."""
+        nt = U32(min(tiles, U32(ntiles - tile0)))
+        if not synced:
+            cuda.syncthreads()
+        if staged:
+            stage(sm, src, plane, B, K, U32(tile0 * BT_), U32(nt * BT_), xq0, tid, threads)
+            cuda.syncthreads()
+        return nt
+
     return SimpleNamespace(thread_place=thread_place, share=share, load_rows=load_rows, load_columns=load_columns,
-                           item_at=item_at, stage=stage)
+                           item_at=item_at, begin_pass=begin_pass)
 
 
 @functools.lru_cache(maxsize=None)
@@ -283,7 +296,8 @@ def build(dtype, cell):
     R = rows_per_group(G, False)
     G_, UPT_, R_ = U32(G), U32(UPT), U32(R)
     ops = block_ops(dtype)
-    place, share, stage, item_at, load_columns = ops.thread_place, ops.share, ops.stage, ops.item_at, ops.load_columns
+    place, share, begin_pass, item_at = ops.thread_place, ops.share, ops.begin_pass, ops.item_at
+    load_columns = ops.load_columns
     fwd, bwd = item_ops(dtype, R, UPT == 1), item_ops(dtype, 4, False)
     forward_sums, backward_sums = fwd.item_sums, bwd.item_sums
     NF, ACC_F, ACC_B, NS_F = fwd.local_type, fwd.acc_size, bwd.acc_size, fwd.n   # local array sizes: constants
@@ -321,12 +335,8 @@ def build(dtype, cell):
         grid = cuda.cg.this_grid()
         for t in range(T):
             for tile0 in range(0, ntiles, tiles):
-                nt = U32(min(U32(tiles), U32(ntiles - tile0)))
-                if t == 0 or tile0 > 0:
-                    cuda.syncthreads()                          # the W slice, or the previous pass, is done
-                stage(sm, h0 if t == 0 else hbuf, 0 if t == 0 else t % 2, B, H, U32(tile0 * BT_),
-                      U32(nt * BT_), xq0, tid, nthreads)
-                cuda.syncthreads()
+                nt = begin_pass(sm, h0 if t == 0 else hbuf, 0 if t == 0 else t % 2, B, H, tile0, U32(tiles), ntiles,
+                                xq0, tid, nthreads, t > 0 and tile0 == 0, True)
                 for base in range(0, nt * groups * S, nwarps):  # rounds: every warp runs each one
                     item, active, split, ts, ug = item_at(base, warp, S, groups, nt * groups * S)
                     xq = U32(xq0 + ts * H)
@@ -381,12 +391,8 @@ def build(dtype, cell):
         for step in range(T + 1):
             t = T - 1 - step
             for tile0 in range(0, ntiles, tiles):
-                nt = U32(min(U32(tiles), U32(ntiles - tile0)))
-                if step == 0 or tile0 > 0:
-                    cuda.syncthreads()
-                if t + 1 < T:
-                    stage(sm, dgh, t + 1, B, GH, U32(tile0 * BT_), U32(nt * BT_), xq0, tid, nthreads)
-                    cuda.syncthreads()
+                nt = begin_pass(sm, dgh, t + 1, B, GH, tile0, U32(tiles), ntiles, xq0, tid, nthreads,
+                                step > 0 and tile0 == 0, t + 1 < T)
                 for base in range(0, nt * groups * S, nwarps):
                     item, active, split, ts, cg = item_at(base, warp, S, groups, nt * groups * S)
                     backward_sums(sm, active and t + 1 < T, split, S, U32(cg * GH), U32(xq0 + ts * GH), GH, lane,
@@ -420,7 +426,7 @@ def build_jordan(dtype):
     cells = build_cells(dtype)
     activate, activate_grad = cells.activate, cells.activate_grad
     ops = block_ops(dtype)
-    place, share, stage, item_at = ops.thread_place, ops.share, ops.stage, ops.item_at
+    place, share, begin_pass, item_at = ops.thread_place, ops.share, ops.begin_pass, ops.item_at
     load_rows, load_columns = ops.load_rows, ops.load_columns
     scatter = item_ops(dtype, 4, False)
     sums_of, NF, ACC = scatter.item_sums, scatter.local_type, scatter.acc_size
@@ -462,12 +468,8 @@ def build_jordan(dtype):
         r = U32(lane // 2 % 4)                                  # lane 8*bb + 2*r: row 4*group + r, batch row bb
         for t in range(T):
             for tile0 in range(0, ntiles, tiles):               # h_t = act(xw_t + state W_yh^T): K = O
-                nt = U32(min(U32(tiles), U32(ntiles - tile0)))
-                if t == 0 or tile0 > 0:
-                    cuda.syncthreads()
-                stage(sm, y0 if t == 0 else ybuf, 0 if t == 0 else t % 2, B, O, U32(tile0 * BT_), U32(nt * BT_),
-                      xq0, tid, nthreads)
-                cuda.syncthreads()
+                nt = begin_pass(sm, y0 if t == 0 else ybuf, 0 if t == 0 else t % 2, B, O, tile0, U32(tiles), ntiles,
+                                xq0, tid, nthreads, t > 0 and tile0 == 0, True)
                 for base in range(0, nt * hgroups * S, nwarps):
                     item, active, split, ts, g = item_at(base, warp, S, hgroups, nt * hgroups * S)
                     b = U32((tile0 + ts) * BT_ + lane // 8)
@@ -481,11 +483,7 @@ def build_jordan(dtype):
                         cuda.syncthreads()
             grid.sync()
             for tile0 in range(0, ntiles, tiles):               # y_t = out_act(h_t W_hy^T + b_y): K = H
-                nt = U32(min(U32(tiles), U32(ntiles - tile0)))
-                if tile0 > 0:
-                    cuda.syncthreads()
-                stage(sm, h, t, B, H, U32(tile0 * BT_), U32(nt * BT_), xq0, tid, nthreads)
-                cuda.syncthreads()
+                nt = begin_pass(sm, h, t, B, H, tile0, U32(tiles), ntiles, xq0, tid, nthreads, tile0 == 0, True)
                 for base in range(0, nt * ogroups * S, nwarps):
                     item, active, split, ts, g = item_at(base, warp, S, ogroups, nt * ogroups * S)
                     b = U32((tile0 + ts) * BT_ + lane // 8)
@@ -533,12 +531,8 @@ def build_jordan(dtype):
         for step in range(T + 1):
             t = T - 1 - step
             for tile0 in range(0, ntiles, tiles):               # dpy[t] from dph[t+1] @ W_yh: K = H
-                nt = U32(min(U32(tiles), U32(ntiles - tile0)))
-                if step == 0 or tile0 > 0:
-                    cuda.syncthreads()
-                if t + 1 < T:
-                    stage(sm, dph, t + 1, B, H, U32(tile0 * BT_), U32(nt * BT_), xq0, tid, nthreads)
-                    cuda.syncthreads()
+                nt = begin_pass(sm, dph, t + 1, B, H, tile0, U32(tiles), ntiles, xq0, tid, nthreads,
+                                step > 0 and tile0 == 0, t + 1 < T)
                 for base in range(0, nt * ogroups * S, nwarps):
                     item, active, split, ts, g = item_at(base, warp, S, ogroups, nt * ogroups * S)
                     b = U32((tile0 + ts) * BT_ + lane // 8)
@@ -559,11 +553,7 @@ def build_jordan(dtype):
                 return
             grid.sync()
             for tile0 in range(0, ntiles, tiles):               # dph[t] = (dpy[t] @ W_hy) act'(h[t]): K = O
-                nt = U32(min(U32(tiles), U32(ntiles - tile0)))
-                if tile0 > 0:
-                    cuda.syncthreads()
-                stage(sm, dpy, t, B, O, U32(tile0 * BT_), U32(nt * BT_), xq0, tid, nthreads)
-                cuda.syncthreads()
+                nt = begin_pass(sm, dpy, t, B, O, tile0, U32(tiles), ntiles, xq0, tid, nthreads, tile0 == 0, True)
                 for base in range(0, nt * hgroups * S, nwarps):
                     item, active, split, ts, g = item_at(base, warp, S, hgroups, nt * hgroups * S)
                     b = U32((tile0 + ts) * BT_ + lane // 8)
