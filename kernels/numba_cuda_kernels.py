@@ -245,5 +245,4 @@ def build(dtype):
                            step_forward=step_forward, step_backward=step_backward,
                            jordan_hidden=jordan_hidden, jordan_output=jordan_output,
                            jordan_output_backward=jordan_output_backward,
-                           jordan_hidden_backward=jordan_hidden_backward,
-                           activate=activate, activate_grad=activate_grad)
+                           jordan_hidden_backward=jordan_hidden_backward)
