@@ -153,7 +153,8 @@ def matmul(xp, a, b, math="fp32", out=None, beta=0.0):
             out += np.matmul(a, b)
             return out
         return np.matmul(a, b, out=out)
-    a, b = (x if layout(x) is not None else xp.ascontiguousarray(x) for x in (a, b))
+    usable = (lambda x: layout(x) is not None and (math != "bf16" or x.flags.c_contiguous or x.flags.f_contiguous))
+    a, b = (x if usable(x) else xp.ascontiguousarray(x) for x in (a, b))
     out = xp.empty((a.shape[0], b.shape[1]), np.result_type(a.dtype, b.dtype)) if out is None else out
     a, b = Operand(xp, a, math), Operand(xp, b, math)
     a.update()

@@ -50,11 +50,12 @@ def threads():
 
 def device_view(a):
     """What a kernel takes: a zero-copy device view of `a` (a NumPy wrapper in the simulator, which would
-    otherwise copy every host array in and out of each launch). sync=False: the kernels run on the stream
+    otherwise copy every host array in and out of each launch; of the plain ndarray, since a kernel's reads are
+    device reads, not those of an ndarray subclass's Python methods). sync=False: the kernels run on the stream
     that produced `a`, so no wait is needed."""
     if simulator():
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-        return FakeCUDAArray(a)
+        return FakeCUDAArray(a.view(np.ndarray))
     return cuda.as_cuda_array(a, sync=False)
 
 

@@ -7,8 +7,10 @@ BACKENDS = ["numpy"] + (["numba", "cupy"] if _backend.gpu_available() else ["cup
 
 
 def device_of(backend):
-    """Where a backend's arrays live: "cpu" for numpy, and for cupy on the CPU harness (GPURNN_CUDA_HOST=1)."""
-    return "cpu" if backend == "numpy" or (backend == "cupy" and _backend.cuda_host()) else "cuda"
+    """Where a backend's arrays live: "cpu" for numpy, for cupy on the CPU harness (GPURNN_CUDA_HOST=1) and for numba
+    in the simulator (NUMBA_ENABLE_CUDASIM=1, without a GPU)."""
+    host = {"numpy": True, "cupy": _backend.cuda_host(), "numba": _backend.cuda_simulator()}[backend]
+    return "cpu" if host else "cuda"
 
 
 def to_device(a, backend):
