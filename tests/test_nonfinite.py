@@ -19,8 +19,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered", "ign
 
 
 def build(cell, backend, dtype, **kwargs):
+    """The layer, on the GPU where there is one, with the NaN/Inf checks on (off by default on a GPU)."""
     layer = make_layer(cell, I, H, backend=backend, dtype=dtype, seed=0, **kwargs)
-    return layer.to("cuda") if backend != "numpy" and not cuda_simulator() else layer
+    if backend != "numpy" and not cuda_simulator():
+        layer.to("cuda").check_finite = True
+    return layer
 
 
 def data(layer, scale=1.0, seed=1):

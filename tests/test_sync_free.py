@@ -54,7 +54,7 @@ def run(fake, layer, lengths=None, T=4, B=3):
 def test_forward_and_backward_read_nothing_on_the_host(gpu, backend_name, sweep, cell):
     layer = layer_on_gpu(gpu, cell, backend_name, sweep, num_layers=2, bidirectional=True)
     assert not checks.finite_checks(layer)                       # the GPU default
-    for call in range(2):                                        # the first call captures its graphs, the second replays
+    for call in range(2):                          # the first call captures its graphs, the second replays
         run(gpu, layer, lengths=np.array([4, 2, 3]))
         assert fake_device.READS == [], call
     device_lengths = gpu.asarray(np.array([4, 1, 3], np.int32))
