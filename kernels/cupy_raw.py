@@ -160,9 +160,8 @@ def step_forward(cell, training, math, a):
     cp.copyto(a["hs"][0], a["h0"])
     if cell == "lstm":
         cp.copyto(a["c"], a["c0"])
-    w = gemm.Operand(cp, a["w_hh"].T, math, a["w_low"])
+    w = gemm.constant(cp, a["w_hh"].T, math, a["w_low"])
     h = gemm.Operand(cp, a["h"], math, a["h_low"])
-    w.update()
     product = gemm.Matmul(cp, h, w, a["gh"], math)
     y, xw, gates, per_step = a["hs"][1:], a["xw"], a["gates"], a["per_step"]
     head = (a["gh"], a["b_hh"], a["b_ih"], a["h"])
@@ -231,11 +230,8 @@ def step_backward(cell, math, a):
     if cell == "lstm":
         cp.copyto(a["dc"], a["dc_n"])
     cp.copyto(a["dhh"], 0)                               # no step after T-1
-    w = gemm.Operand(cp, a["w_hh"], math, a["w_low"])
-    w.update()
-    grads = [gemm.Operand(cp, a["dgh"][t], math, a["g_low"]) for t in range(T)]
-    products = [gemm.Matmul(cp, grads[t], w, a["dhh"] if t else a["dh"], math, beta=0.0 if t else 1.0)
-                for t in range(T)]
+    w = gemm.constant(cp, a["w_hh"], math, a["w_low"])
+    products = gemm.per_step(cp, T, a["dgh"], w, a["dhh"], math, a["g_low"], into=a["dh"])
     dy, y, dgx, dgh = a["dy"], a["y"], a["dgx"], a["dgh"]
     carry = (a["dhh"], a["dh"])
     steps = []
@@ -251,7 +247,6 @@ def step_backward(cell, math, a):
             steps.append((dy[t], y[t], *carry, dgx[t], *tail))
     for t in range(T - 1, -1, -1):
         launch(*steps[t])
-        grads[t].update()
         products[t]()
 
 
@@ -294,19 +289,16 @@ def step_jordan_forward(act, out_act, training, math, a):
     hidden, output = _kernels(*jordan_kernels(act, out_act, np.dtype(a["y"].dtype))[:2])
     hidden, output = _launcher(hidden, B, H), _launcher(output, B, O)
     cp.copyto(a["state"], a["y0"])
-    w_yh, w_hy = (gemm.Operand(cp, a[k].T, math, a[low]) for k, low in (("w_yh", "yh_low"), ("w_hy", "hy_low")))
-    w_yh.update()
-    w_hy.update()
+    w_yh, w_hy = (gemm.constant(cp, a[k].T, math, a[low]) for k, low in (("w_yh", "yh_low"), ("w_hy", "hy_low")))
     state = gemm.Operand(cp, a["state"], math, a["s_low"])
     recurrent = gemm.Matmul(cp, state, w_yh, a["gy"], math)
-    hs = [gemm.Operand(cp, a["hs"][t if training else 0], math, a["h_low"]) for t in range(T)]
-    outputs = [gemm.Matmul(cp, hs[t], w_hy, a["py"], math) for t in range(T)]
+    outputs = gemm.per_step(cp, T, a["hs"], w_hy, a["py"], math, a["h_low"])    # inference: one row of hs
+    hs = a["hs"]
     for t in range(T):
         tt = np.int32(t)
         state.update()
         recurrent()
-        hidden(a["xw"][t], a["gy"], hs[t].source, a["lengths"], tt)
-        hs[t].update()
+        hidden(a["xw"][t], a["gy"], hs[t % hs.shape[0]], a["lengths"], tt)
         outputs[t]()
         output(a["py"], a["b_y"], a["state"], a["y"][t], a["lengths"], tt)
 
@@ -350,20 +342,13 @@ def step_jordan_backward(act, out_act, math, a):
     output, hidden = _launcher(output, B, O), _launcher(hidden, B, H)
     cp.copyto(a["dstate"], a["dy_n"])
     cp.copyto(a["dyh"], 0)
-    w_yh, w_hy = (gemm.Operand(cp, a[k], math, a[low]) for k, low in (("w_yh", "yh_low"), ("w_hy", "hy_low")))
-    w_yh.update()
-    w_hy.update()
-    dpy = [gemm.Operand(cp, a["dpy"][t], math, a["py_low"]) for t in range(T)]
-    dph = [gemm.Operand(cp, a["dph"][t], math, a["ph_low"]) for t in range(T)]
-    to_hidden = [gemm.Matmul(cp, dpy[t], w_hy, a["dph"][t], math) for t in range(T)]
-    to_state = [gemm.Matmul(cp, dph[t], w_yh, a["dyh"] if t else a["dstate"], math, beta=0.0 if t else 1.0)
-                for t in range(T)]
+    w_yh, w_hy = (gemm.constant(cp, a[k], math, a[low]) for k, low in (("w_yh", "yh_low"), ("w_hy", "hy_low")))
+    to_hidden = gemm.per_step(cp, T, a["dpy"], w_hy, a["dph"], math, a["py_low"])
+    to_state = gemm.per_step(cp, T, a["dph"], w_yh, a["dyh"], math, a["ph_low"], into=a["dstate"])
     for t in range(T - 1, -1, -1):
         output(a["dy"][t], a["y"][t], a["dyh"], a["dstate"], a["dpy"][t], a["lengths"], np.int32(t))
-        dpy[t].update()
         to_hidden[t]()
         hidden(a["dph"][t], a["h"][t])
-        dph[t].update()
         to_state[t]()
 
 

@@ -160,3 +160,22 @@ def matmul(xp, a, b, math="fp32", out=None, beta=0.0):
     a.update()
     b.update()
     return Matmul(xp, a, b, out, math, beta)()
+
+
+def constant(xp, a, math, low=None):
+    """The Operand of a GEMM operand fixed for a whole sweep (a weight), converted once here (bf16)."""
+    operand = Operand(xp, a, math, low)
+    operand.update()
+    return operand
+
+
+def per_step(xp, T, rows, w, out, math, low=None, into=None):
+    """T prepared products, one per step t: rows[t] @ w (rows: (T, M, K), or (1, M, K) serving every step; w: an
+    Operand or array (K, N)) into out[t] (out: (T, M, N)) or into out (M, N), rows[t] converted first (bf16, into the
+    buffer `low`). `into`: step 0's product goes there instead, added to what it holds. Returns T callables."""
+    def product(t):
+        operand = Operand(xp, rows[t % rows.shape[0]], math, low)
+        target = into if (t == 0 and into is not None) else out[t] if out.ndim == 3 else out
+        matmul = Matmul(xp, operand, w, target, math, beta=1.0 if target is into else 0.0)
+        return lambda: (operand.update(), matmul())
+    return [product(t) for t in range(T)]

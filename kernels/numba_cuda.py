@@ -272,9 +272,8 @@ def step_forward(code, act, math, a):
     xp.copyto(a["hs"][0], a["h0"])
     if "c0" in a:
         xp.copyto(a["c"], a["c0"])
-    w = gemm.Operand(xp, a["w_hh"].T, math, a["w_low"])
+    w = gemm.constant(xp, a["w_hh"].T, math, a["w_low"])
     h = gemm.Operand(xp, a["h"], math, a["h_low"])
-    w.update()
     product = gemm.Matmul(xp, h, w, a["gh"], math)
     args = (code, act, 0, *(device_view(a[k]) for k in ("xw", "gh", "b_hh", "b_ih", "lengths", "h", "c")),
             device_view(a["hs"][1:]), *(device_view(a[k]) for k in ("gates", "cs", "hns")))
@@ -361,16 +360,12 @@ def step_backward(code, act, math, a):
     T, B, H = a["y"].shape
     start_backward(xp, a)
     xp.copyto(a["dhg"], 0)                                               # no step after T-1
-    w = gemm.Operand(xp, a["w_hh"], math, a["w_low"])
-    w.update()
-    grads = [gemm.Operand(xp, a["dgh"][t], math, a["g_low"]) for t in range(T)]
-    products = [gemm.Matmul(xp, grads[t], w, a["dhg"] if t else a["dh"], math, beta=0.0 if t else 1.0)
-                for t in range(T)]
+    w = gemm.constant(xp, a["w_hh"], math, a["w_low"])
+    products = gemm.per_step(xp, T, a["dgh"], w, a["dhg"], math, a["g_low"], into=a["dh"])
     step = prepared(build(a["y"].dtype.type).step_backward, B * H, launch_stream(),
                     (code, act, 0, device_view(a["dhg"]), *backward_args(a)), 2)
     for t in range(T - 1, -1, -1):
         step(t)
-        grads[t].update()
         products[t]()
 
 
@@ -437,13 +432,10 @@ def step_jordan_forward(codes, math, a):
     T, B, H = a["h"].shape
     O = a["y"].shape[2]
     xp.copyto(a["state"], a["y0"])
-    w_yh, w_hy = (gemm.Operand(xp, a[k].T, math, a[low_]) for k, low_ in (("w_yh", "yh_low"), ("w_hy", "hy_low")))
-    w_yh.update()
-    w_hy.update()
+    w_yh, w_hy = (gemm.constant(xp, a[k].T, math, a[low_]) for k, low_ in (("w_yh", "yh_low"), ("w_hy", "hy_low")))
     state = gemm.Operand(xp, a["state"], math, a["s_low"])
-    hs = [gemm.Operand(xp, a["h"][t], math, a["h_low"]) for t in range(T)]
     recurrent = gemm.Matmul(xp, state, w_yh, a["hy"], math)
-    outputs = [gemm.Matmul(xp, hs[t], w_hy, a["py"], math) for t in range(T)]
+    outputs = gemm.per_step(xp, T, a["h"], w_hy, a["py"], math, a["h_low"])
     K, stream = build(a["y"].dtype.type), launch_stream()
     d = {k: device_view(a[k]) for k in ("xw", "hy", "lengths", "h", "py", "b_y", "y", "state")}
     hidden = prepared(K.jordan_hidden, B * H, stream, (codes[0], 0, d["xw"], d["hy"], d["lengths"], d["h"]), 1)
@@ -453,7 +445,6 @@ def step_jordan_forward(codes, math, a):
         state.update()
         recurrent()
         hidden(t)
-        hs[t].update()
         outputs[t]()
         output(t)
 
@@ -505,14 +496,9 @@ def step_jordan_backward(codes, math, a):
     O = a["y"].shape[2]
     xp.copyto(a["carry"], a["dy_n"])
     xp.copyto(a["dsum"], 0)
-    w_yh, w_hy = (gemm.Operand(xp, a[k], math, a[low_]) for k, low_ in (("w_yh", "yh_low"), ("w_hy", "hy_low")))
-    w_yh.update()
-    w_hy.update()
-    dpy = [gemm.Operand(xp, a["dpy"][t], math, a["py_low"]) for t in range(T)]
-    dph = [gemm.Operand(xp, a["dph"][t], math, a["ph_low"]) for t in range(T)]
-    to_hidden = [gemm.Matmul(xp, dpy[t], w_hy, a["dhh"], math) for t in range(T)]
-    to_state = [gemm.Matmul(xp, dph[t], w_yh, a["dsum"] if t else a["carry"], math, beta=0.0 if t else 1.0)
-                for t in range(T)]
+    w_yh, w_hy = (gemm.constant(xp, a[k], math, a[low_]) for k, low_ in (("w_yh", "yh_low"), ("w_hy", "hy_low")))
+    to_hidden = gemm.per_step(xp, T, a["dpy"], w_hy, a["dhh"], math, a["py_low"])
+    to_state = gemm.per_step(xp, T, a["dph"], w_yh, a["dsum"], math, a["ph_low"], into=a["carry"])
     K, stream = build(a["y"].dtype.type), launch_stream()
     d = {k: device_view(a[k]) for k in ("dy", "y", "h", "lengths", "carry", "dsum", "dpy", "dhh", "dph")}
     output = prepared(K.jordan_output_backward, B * O, stream,
@@ -520,8 +506,6 @@ def step_jordan_backward(codes, math, a):
     hidden = prepared(K.jordan_hidden_backward, B * H, stream, (codes[0], 0, d["dhh"], d["h"], d["dph"]), 1)
     for t in range(T - 1, -1, -1):
         output(t)
-        dpy[t].update()
         to_hidden[t]()
         hidden(t)
-        dph[t].update()
         to_state[t]()
