@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_TESTS = ("tests/test_numba_cuda.py", "tests/test_cupy_backend.py", "tests/test_gemm.py", "tests/test_precision.py",
-             "tests/test_graphs.py", "tests/test_nonfinite.py")
+GPU_TESTS = ("tests/test_gemm.py", "tests/test_graphs.py", "tests/test_precision.py", "tests/test_cupy_backend.py",
+             "tests/test_numba_cuda.py", "tests/test_nonfinite.py")      # quick ones first
 CELLS = ("lstm", "gru", "rnn_tanh")
-BATCHES = (1, 4, 16, 64, 256)
+BATCHES = (64, 256, 16, 4, 1)       # measured in this order: the goal's sizes first, in case time runs out
 MATHS = ("fp32", "tf32")
 MODES = ("train", "inference")
 T, SIZE = 100, 512
@@ -66,14 +67,21 @@ def child_env(**extra):
 
 
 def run_child(cmd, timeout, log, env=None):
-    """(exit code or None when killed at `timeout`, seconds, output): `cmd` with its output also written to `log`."""
+    """(exit code, or None when it was stopped at `timeout` seconds; seconds; output): `cmd` in a session of its own,
+    its output written to `log`. At the timeout the whole session is killed (compute-sanitizer's target too)."""
     start = clock()
     with open(log, "w") as f:
+        child = subprocess.Popen(cmd, cwd=ROOT, env=env or child_env(), stdout=f, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env or child_env(), stdout=f, stderr=subprocess.STDOUT,
-                                timeout=max(timeout, 1)).returncode
+            rc = child.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
             rc = None
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.wait()
     return rc, clock() - start, Path(log).read_text(errors="replace")
 
 
@@ -104,20 +112,25 @@ def versions():
     smi = shutil.which("nvidia-smi")
     if smi:
         query = "name,driver_version,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,mig.mode.current"
-        done = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True)
-        out["nvidia-smi"] = done.stdout.strip() or done.stderr.strip()
+        try:
+            done = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
+                                  text=True, timeout=30)
+            out["nvidia-smi"] = done.stdout.strip() or done.stderr.strip()
+        except subprocess.TimeoutExpired:
+            out["nvidia-smi"] = "no answer in 30 s"
     out["commit"] = git_commit()
     return out
 
 
 def git_commit():
     try:
-        done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=30)
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+                               capture_output=True, text=True, timeout=30).stdout.strip()
         return done.stdout.strip() + (" (with uncommitted changes)" if dirty else "") if done.returncode == 0 \
             else "unknown (not a git checkout)"
-    except OSError:
+    except (OSError, subprocess.TimeoutExpired):
         return "unknown (no git)"
 
 
@@ -127,12 +140,20 @@ def environment_section(info):
 
 # --- 2. tests ---
 def pytest_summary(output):
-    """(summary line, failed test ids) from pytest's output; ("", []) when it printed no summary."""
+    """(summary line, failed test ids) from pytest's output (-v -rfE). Without pytest's own summary (it was stopped):
+    the outcomes counted from its per-test lines, and the tests that failed so far."""
     lines = output.splitlines()
     summary = next((line.strip("= ").strip() for line in reversed(lines)
                     if re.search(r"\b(passed|failed|error|errors|skipped|no tests ran)\b", line)
                     and line.startswith("=")), "")
     failed = [line.split(" ", 1)[1].split(" - ")[0] for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    if not summary:
+        outcomes = re.findall(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", output, re.M)
+        counts = {}
+        for _, outcome in outcomes:
+            counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
+        summary = ", ".join(f"{n} {k}" for k, n in counts.items()) + " so far" if counts else ""
+        failed = failed or [test for test, outcome in outcomes if outcome in ("FAILED", "ERROR")]
     return summary, failed
 
 
@@ -232,9 +253,9 @@ def timing_rows(deadline, out_file, cells=CELLS, batches=BATCHES, maths=MATHS, m
     from .layers import GRU, LSTM, RNN
     from .kernels import graphs
     kinds = {"lstm": (LSTM, "LSTM", {}), "gru": (GRU, "GRU", {}), "rnn_tanh": (RNN, "RNN", {"nonlinearity": "tanh"})}
-    for cell in cells:
-        ours_cls, torch_name, kwargs = kinds[cell]
-        for B in batches:
+    for B in batches:
+        for cell in cells:
+            ours_cls, torch_name, kwargs = kinds[cell]
             for math in maths:
                 for mode in modes:
                     if clock() > deadline:
@@ -330,7 +351,7 @@ def timing_section(rows, rc, seconds, timeout, expected):
              "rel diff: ‖y_ours − y_cuDNN‖ / ‖y_cuDNN‖ of the forward output.", "",
              "| cell | B | math | mode | sweep | ours ms | cuDNN ms | ours / cuDNN | rel diff |",
              "|---|---:|---|---|---|---:|---:|---:|---:|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (CELLS.index(r["cell"]), r["B"], r["math"], r["mode"])):
         lines.append(f"| {r['cell']} | {r['B']} | {r['math']} | {r['mode']} | {r['sweep']} | {r['ours_ms']:.3f} | "
                      f"{r['cudnn_ms']:.3f} | {r['ratio']:.2f} | {r['rel_diff']:.1e} |")
     if rows:
@@ -413,7 +434,7 @@ def main(argv=None):
             if missing:
                 sections.append(f"## GPU test suite: not run\n\n{', '.join(missing)} not found: run from a checkout")
                 continue
-            rc, took, output = run_child([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
+            rc, took, output = run_child([sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider",
                                           *GPU_TESTS], seconds, out / "tests.log")
             ok &= rc == 0
             sections.append(tests_section(rc, took, output, seconds))

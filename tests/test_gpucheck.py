@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,22 @@ def test_pytest_summary():
     text = gpucheck.tests_section(1, 12.0, PYTEST_OUTPUT, 100)
     assert "FAILED (exit 1)" in text and "- failed: `tests/test_graphs.py::test_x`" in text
     assert "stopped after 100 s" in gpucheck.tests_section(None, 100.0, "", 100)
+
+
+def test_pytest_summary_of_a_stopped_run():
+    output = ("tests/test_gemm.py::test_a PASSED [ 1%]\ntests/test_gemm.py::test_b FAILED [ 2%]\n"
+              "tests/test_graphs.py::test_c PASSED [ 3%]\n")
+    assert gpucheck.pytest_summary(output) == ("2 passed, 1 failed so far", ["tests/test_gemm.py::test_b"])
+
+
+def test_a_child_out_of_time_is_stopped_with_its_children(tmp_path):
+    marker = tmp_path / "late"
+    rc, seconds, _ = gpucheck.run_child(["sh", "-c", f"(sleep 3; touch {marker}) & sleep 30"], 1, tmp_path / "log")
+    assert rc is None and seconds < 10
+    rc, _, output = gpucheck.run_child([sys.executable, "-c", "print('hi')"], 30, tmp_path / "log")
+    assert rc == 0 and output == "hi\n"
+    time.sleep(3)
+    assert not marker.exists()                                   # the grandchild was killed too
 
 
 SANITIZER = """========= COMPUTE-SANITIZER
