@@ -209,12 +209,11 @@ def sanitizer_section(results):
 def workload(sizes=(3, 2, 5)):
     """One small sweep of every kernel the GPU backends launch: the per-step and persistent numba sweeps and the cupy
     sweeps, forward and backward, each cell and activation, float32 and float64, ragged lengths, Jordan with every
-    pair of activations, and the bf16 conversion of the GEMMs. The graph cache is off: each kernel runs as a plain
-    launch (the kernels a graph replays are these)."""
+    pair of activations, and the bf16 conversion of the GEMMs. The sanitizer runs it with GPURNN_CUDA_GRAPHS=0, so
+    that each kernel runs as a plain launch (the kernels a graph replays are these)."""
     from .backend import available, xp_for
-    from .kernels import ACTIVATIONS, cupy_raw, graphs, numba_cuda
+    from .kernels import ACTIVATIONS, cupy_raw, numba_cuda
     from .layers import GRU, LSTM, RNN
-    graphs.ENABLED = False
     Tw, B, H, O = *sizes, 3
     rng = np.random.default_rng(0)
     lengths = np.array([Tw] + [max(1, Tw - 1 - b) for b in range(1, B)])
