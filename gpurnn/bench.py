@@ -49,6 +49,12 @@ def device_name(backend):
     return f"{model}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} threads"
 
 
+def numba_threads():
+    """The threads our CPU step kernels run on, with Numba's threading layer: "N (layer)"."""
+    from .kernels import cpu_fused
+    return f"{cpu_fused.step_threads()} ({cpu_fused.threading_layer()})"
+
+
 def sgemm_gflops(n=2048, repeats=5):
     """This machine's NumPy float32 GEMM rate (n x n x n), GFLOP/s, best of `repeats`."""
     a, b = (np.random.default_rng(0).standard_normal((n, n)).astype(np.float32) for _ in range(2))
@@ -64,12 +70,14 @@ def _seconds(fn):
     return time.perf_counter() - t
 
 
-def make_ours(backend, cell, T, B, H, I=None, train=True, seed=0):
-    """A no-argument callable running one forward (train=False) or training step of our layer."""
+def make_ours(backend, cell, T, B, H, I=None, train=True, seed=0, workspace=False):
+    """A no-argument callable running one forward (train=False) or training step of our layer; `workspace`: the
+    layer reuses its buffers across calls (layer.workspace())."""
     from .layers import GRU, LSTM, RNN
     I = H if I is None else I
     kind = {"lstm": LSTM, "gru": GRU}.get(cell)
     layer = kind(I, H, seed=seed) if kind else RNN(I, H, nonlinearity=cell[4:], seed=seed)
+    layer.workspace(workspace)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     dy = rng.standard_normal((T, B, H)).astype(np.float32)
@@ -175,7 +183,7 @@ def peak_rss(side, backend, cell, T, B, H, train=True):
 
 
 def run(backend="numpy", cells=DEFAULT_CELLS, sizes=((100, 32, 256),), repeats=10, modes=("train", "inference"),
-        memory=False):
+        memory=False, workspace=False):
     """Rows of measurements (dicts), one per cell x size x mode; a progress line on stderr before each."""
     rows = []
     total = len(cells) * len(sizes) * len(modes)
@@ -184,7 +192,7 @@ def run(backend="numpy", cells=DEFAULT_CELLS, sizes=((100, 32, 256),), repeats=1
             for mode in modes:
                 progress(f"{cell} T,B,H={T},{B},{H} {mode} ({len(rows) + 1}/{total})")
                 train = mode == "train"
-                ours = make_ours(backend, cell, T, B, H, train=train)
+                ours = make_ours(backend, cell, T, B, H, train=train, workspace=workspace)
                 peer = make_peer(backend, cell, T, B, H, train=train)
                 t_ours, *t_peer = time_alternating([ours] + ([peer] if peer else []), repeats)
                 row = dict(cell=cell, T=T, B=B, H=H, I=H, mode=mode, ours_ms=t_ours * 1e3,
@@ -227,13 +235,16 @@ def add_arguments(parser):
                         help="also measure peak RSS of one training step, each side in a fresh process (CPU)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the comparison, split our training step into its parts (numpy backend)")
+    parser.add_argument("--workspace", action="store_true",
+                        help="our layers reuse their buffers across calls (layer.workspace(), numpy backend)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
 def format_table(result):
     lines = [f"device: {result['device']}  (NumPy SGEMM {result['sgemm_gflops']:.0f} GFLOP/s; "
-             f"peer: {result['peer'] or 'none'}, torch threads {result['torch_threads']})"]
+             f"peer: {result['peer'] or 'none'}, torch threads {result['torch_threads']}; "
+             f"Numba threads {result['numba_threads']}, workspace {'on' if result['workspace'] else 'off'})"]
     head = f"{'cell':<12}{'T,B,H':>14} {'mode':<10}{'ours ms':>9}{'peer ms':>9}{'ratio':>7}{'GFLOP/s':>9}{'%SGEMM':>8}"
     mem = any("ours_peak_mib" in r for r in result["rows"])
     lines.append(head + ("  peak MiB ours/peer" if mem else ""))
@@ -255,11 +266,11 @@ def print_profiles(args):
     result = dict(device=device_name("numpy"), numpy=np.__version__, repeats=args.repeats, profiles=[])
     for cell in args.cells:
         for T, B, H in args.sizes:
-            parts = profile_step(cell, T, B, H, args.repeats)
+            parts = profile_step(cell, T, B, H, args.repeats, workspace=args.workspace)
             result["profiles"].append(dict(cell=cell, T=T, B=B, H=H, parts=[dict(part=n, ms=ms, gflop=g)
                                                                                for n, ms, g in parts]))
             if not args.json:
-                print(format_profile(cell, T, B, H, parts), flush=True)
+                print(format_profile(cell, T, B, H, parts, args.workspace, numba_threads()), flush=True)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -282,11 +293,12 @@ def main(argv=None):
         return print_profiles(args)
     torch = torch_or_none()
     modes = ("train", "inference") if args.mode == "both" else (args.mode,)
-    rows = run(args.backend, args.cells, args.sizes, args.repeats, modes, args.memory)
+    rows = run(args.backend, args.cells, args.sizes, args.repeats, modes, args.memory, args.workspace)
     progress("measuring this machine's SGEMM rate")
     result = dict(device=device_name(args.backend), backend=args.backend, sgemm_gflops=sgemm_gflops(),
                   numpy=np.__version__, peer=peer_name(args.backend),
-                  torch_threads=torch.get_num_threads() if torch else None, repeats=args.repeats, rows=rows)
+                  torch_threads=torch.get_num_threads() if torch else None, numba_threads=numba_threads(),
+                  workspace=args.workspace, repeats=args.repeats, rows=rows)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
 

@@ -12,6 +12,7 @@ from . import checks, init as inits
 from .backend import array_module, kernels, resolve
 from .kernels import GATES
 from .module import Module
+from .workspace import Workspace
 
 BACKEND_NAMES = ("auto", "numpy", "numba", "cupy")
 
@@ -49,6 +50,11 @@ def reverse_time(a, rev_index):
     return xp.take_along_axis(a, rev_index, axis=0)
 
 
+def matmul(xp, workspace, a, b):
+    """a @ b (2-D), written into a workspace buffer when there is one."""
+    return xp.matmul(a, b, out=None if workspace is None else workspace.empty((a.shape[0], b.shape[1]), a.dtype))
+
+
 def reverse_index(lengths, T, xp):
     """(T, B, 1): step t of sequence b reads time lengths[b]-1-t when valid, t when padded."""
     t = xp.arange(T, dtype=np.int32)[:, None]
@@ -61,6 +67,7 @@ class _Recurrent(Module):
     cell = None
     stateful = True
     sweep = "auto"    # GPU backends: "auto" | "persistent" (one launch for all steps) | "step" (a launch per step)
+    _workspace = None  # numpy backend: a Workspace the calls take their large buffers from (see workspace())
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, init="uniform", dtype="float32", backend="auto", seed=None):
@@ -95,6 +102,22 @@ class _Recurrent(Module):
         return dict(kind=type(self).__name__, input_size=self.input_size, hidden_size=self.hidden_size,
                     num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first, dropout=self.dropout,
                     bidirectional=self.num_directions == 2, init=self.init, dtype=self.dtype.name)
+
+    def workspace(self, enabled=True):
+        """Reuse the large host buffers of forward and backward across calls (numpy backend), so a training loop
+        takes no page faults per step. Results are unchanged, ctxs may be in flight and backward stays
+        re-entrant: a buffer is reused only once nothing refers to it. The cost: the buffers of the largest set
+        of calls alive at once stay allocated between calls (one LSTM layer, T=100, B=32, H=256: about 37 MiB
+        when each ctx is dropped before the next forward, ~19 MiB more per ctx kept across it).
+        `enabled`: True (a Workspace of its own, kept if there is one), False (none, the buffers are freed), or
+        a `gpurnn.workspace.Workspace` (several layers may share one). Returns self."""
+        if isinstance(enabled, Workspace):
+            self._workspace = enabled
+        elif not enabled:
+            self._workspace = None
+        elif self._workspace is None:
+            self._workspace = Workspace()
+        return self
 
     def _suffixes(self, layer):
         return [f"_l{layer}"] + ([f"_l{layer}_reverse"] if self.num_directions == 2 else [])
@@ -149,7 +172,8 @@ class _Recurrent(Module):
         checks.ensure_finite(self, self.params, lambda k: f"{k} contains NaN or Inf")
         name = resolve(self.backend, self.device)
         K = kernels(name)
-        opts = {} if name == "numpy" else {"sweep": self.sweep}
+        ws = self._workspace if name == "numpy" else None
+        opts = {"workspace": ws} if name == "numpy" else {"sweep": self.sweep}
         H, D, G = self.hidden_size, self.num_directions, GATES[self.cell]
         rev_index = reverse_index(lens, T, xp) if (ragged and D == 2) else None
         ctx = LayerCtx(self, name, self.batch_first, (T, B), rev_index, [], retain=retain)
@@ -160,17 +184,14 @@ class _Recurrent(Module):
             out = xp.empty((T, B, D * H), self.dtype) if D == 2 else None
             for d, suffix in enumerate(self._suffixes(layer)):
                 p = self.params
-                xw = xp.matmul(inp.reshape(T * B, -1), p[f"weight_ih{suffix}"].T).reshape(T, B, G * H)
-                if self.bias:
-                    xw += p[f"bias_ih{suffix}"]
-                    b_hh = p[f"bias_hh{suffix}"]
-                else:
-                    b_hh = xp.zeros(G * H, self.dtype)
+                xw = matmul(xp, ws, inp.reshape(T * B, -1), p[f"weight_ih{suffix}"].T).reshape(T, B, G * H)
+                b_ih = p[f"bias_ih{suffix}"] if self.bias else None      # the sweep adds it, with b_hh
+                b_hh = p[f"bias_hh{suffix}"] if self.bias else xp.zeros(G * H, self.dtype)
                 if d == 1:
                     xw = reverse_time(xw, rev_index)
                 k = layer * D + d
                 y, s_n, kctx = K.forward(self.cell, xw, p[f"weight_hh{suffix}"], b_hh,
-                                         tuple(s[k] for s in state0), lens, training, **opts)
+                                         tuple(s[k] for s in state0), lens, training, b_ih=b_ih, **opts)
                 checks.ensure_finite(self, {"y": y, **dict(enumerate(s_n))},
                                      not_finite(f"the output of layer {layer} (direction {d})"))
                 if D == 1:         # (T, B, H); a copy when training, since backward reads the sweep's own y
@@ -200,8 +221,10 @@ class _Recurrent(Module):
                                            finite=checks.finite_checks(self)))
         dstate_n = self._check_state(dstate, B, "dstate")
         K = kernels(ctx.backend)
+        ws = self._workspace if ctx.backend == "numpy" else None
         p = self.params
         new_grads = {}     # added to self.grads only once every GEMM has run
+        ones = xp.ones(T * B, self.dtype)   # bias sums as GEMVs over the T*B rows: BLAS, several times numpy's sum
         dstate0 = tuple(xp.empty_like(s) for s in dstate_n)
         dout = dy
         for layer in reversed(range(self.num_layers)):
@@ -220,22 +243,22 @@ class _Recurrent(Module):
                 GH = dgx.shape[2]
                 shared = dgh is dgx        # every cell but the GRU: dL/d(xw) = dL/d(h W_hh^T)
                 # W_hh sees h_prev: h0 at step 0, then y[t-1] (kernel time order)
-                gw = dgh[0].T @ kctx.h0                                            # (GH, H)
+                gw = matmul(xp, ws, dgh[0].T, kctx.h0)                             # (GH, H)
                 if T > 1:
-                    gw += dgh[1:].reshape(-1, GH).T @ kctx.y[:-1].reshape(-1, H)
+                    gw += matmul(xp, ws, dgh[1:].reshape(-1, GH).T, kctx.y[:-1].reshape(-1, H))
                 new_grads[f"weight_hh{suffix}"] = gw
-                dgh_sum = dgh.reshape(T * B, GH).sum(axis=0) if self.bias else None   # (GH,)
+                dgh_sum = ones @ dgh.reshape(T * B, GH) if self.bias else None      # (GH,)
                 if d == 1:
                     dgx = reverse_time(dgx, ctx.rev_index)
                 dgx2d = dgx.reshape(T * B, GH)
-                new_grads[f"weight_ih{suffix}"] = dgx2d.T @ inp2d                    # (GH, in_l)
+                new_grads[f"weight_ih{suffix}"] = matmul(xp, ws, dgx2d.T, inp2d)      # (GH, in_l)
                 if dinp is None:
-                    dinp = dgx2d @ p[f"weight_ih{suffix}"]                          # (T*B, in_l)
+                    dinp = matmul(xp, ws, dgx2d, p[f"weight_ih{suffix}"])             # (T*B, in_l)
                 else:
                     dinp += dgx2d @ p[f"weight_ih{suffix}"]
                 if self.bias:
                     new_grads[f"bias_hh{suffix}"] = dgh_sum
-                    new_grads[f"bias_ih{suffix}"] = dgh_sum if shared else dgx2d.sum(axis=0)
+                    new_grads[f"bias_ih{suffix}"] = dgh_sum if shared else ones @ dgx2d
             dout = dinp.reshape(T, B, -1)
             if layer and ctx.masks:           # layer's input was out_{layer-1} * mask: d out = d input * mask
                 dout = dout * ctx.masks[layer - 1]

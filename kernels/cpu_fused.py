@@ -5,26 +5,43 @@ Jordan network go to ``numpy_ref`` unchanged, so float64 results stay exactly th
 
 Layout: the recurrent GEMM runs feature-major, ``W_hh (G*H, H) @ h^T (H, B) -> (G*H, B)`` forward and
 ``W_hh^T (H, G*H) @ dG^T (G*H, B) -> (H, B)`` backward; at small B that is the shape BLAS runs fastest (about
-1.4x the batch-major one here). One strided copy turns that block batch-major, so the step kernels run over
-contiguous rows and vectorise; every buffer is allocated once per sweep, nothing per step. The activated gates overwrite ``xw`` in place (it is what backward reads).
+1.4x the batch-major one here), and the step kernels read that output as it is (one strided column per batch row),
+so nothing is transposed (except for the Elman forward, see its kernel). Everything else is batch-major (T, B, .)
+as in the interface. The activated gates overwrite ``xw`` in place (it is what backward reads); the input bias is
+summed with ``b_hh`` once per sweep and added in the step kernel, not in a pass of its own.
+
+Threads: the step kernels run their batch rows on Numba's threads (``numba.set_num_threads`` /
+``NUMBA_NUM_THREADS``, all cores by default), the GEMMs on BLAS's; the two alternate, never overlap. Under Numba's
+OpenMP threading layer the kernels run on one thread unless ``OMP_WAIT_POLICY=passive``: OpenMP workers spin
+between parallel regions, BLAS's workers spin between GEMMs, and the two pools then fight for the cores every step
+(many times slower than one thread on a busy 2-core machine); the tbb and workqueue layers let idle workers yield.
+``THREADS`` (an int) overrides the choice. Buffers come from ``workspace.empty`` when a workspace is given
+(``gpurnn.workspace.Workspace``), else ``np.empty``; every one is allocated once per sweep, nothing per step.
 
 Activations: tanh and sigmoid in float32 arithmetic that vectorises, within 1.4 ulp and monotone (see below); relu
 passes NaN on. Backward forms activation derivatives from the saved outputs, like the reference: exactly 0 where
 tanh is +-1 and sigmoid 0 or 1.
 """
 import math
+import os
+import threading
+import types
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 
+import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange
 from numba.extending import intrinsic
 
-from . import numpy_ref
+from . import GATES, numpy_ref
 
 # contract/reassoc/afn/arcp let LLVM fuse and vectorise; no nnan/ninf, so NaN and Inf propagate as in NumPy
 FAST = {"contract", "reassoc", "afn", "arcp", "nsz"}
 jit = njit(fastmath=FAST, error_model="numpy", cache=True, nogil=True)
+pjit = njit(fastmath=FAST, error_model="numpy", cache=True, nogil=True, parallel=True)
 inline = njit(fastmath=FAST, error_model="numpy", cache=True, inline="always")
 
 ACT_CODE = {"tanh": 0, "relu": 1, "sigmoid": 2, "identity": 3}
@@ -56,13 +73,16 @@ Q5, Q4, Q3, Q2, Q1, Q0 = (F32(v) for v in (0.0019513999374820303, 0.007787333213
 T3, T2, T1, T0 = (F32(v) for v in (0.01641081536003305, -0.0526556027791566, 0.13320422641228552,
                                    -0.3333292992485407))
 
+THREADS = None     # threads of the step kernels; None: see step_threads()
+_workqueue_lock = threading.Lock()   # Numba's workqueue layer aborts on parallel launches from two threads at once
+
 
 @intrinsic
 def float32_bits(typingctx, x):
     """The IEEE-754 bit pattern of a float32, as int32."""
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.IntType(32))
-    return types.int32(types.float32), codegen
+    return numba.types.int32(numba.types.float32), codegen
 
 
 @intrinsic
@@ -70,7 +90,7 @@ def bits_float32(typingctx, i):
     """The float32 whose bit pattern is the int32 i."""
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
+    return numba.types.float32(numba.types.int32), codegen
 
 
 @intrinsic
@@ -78,7 +98,7 @@ def fma(typingctx, a, b, c):
     """a * b + c rounded once (llvm.fma: a vector instruction where the CPU has FMA)."""
     def codegen(context, builder, signature, args):
         return builder.fma(*args)
-    return types.float32(types.float32, types.float32, types.float32), codegen
+    return numba.types.float32(numba.types.float32, numba.types.float32, numba.types.float32), codegen
 
 
 @exact
@@ -158,28 +178,63 @@ def act_grad(code, y):
     return ONE
 
 
-# ---- one step forward: g (B, G*H) is xw[t] in and the activated gates out; gh (B, G*H) = h_prev W_hh^T;
-# h_state (B, H) the running state in/out; y (B, H) is y[t]; padded sequences keep their state.
-
-@jit
-def elman_forward_step(code, g, gh, b_hh, lengths, t, h_state, y):
-    B, H = y.shape
-    for b in range(B):
-        if t < lengths[b]:
-            for j in range(H):
-                h = act(code, g[b, j] + gh[b, j] + b_hh[j])
-                y[b, j] = h
-                h_state[b, j] = h
-        else:
-            y[b, :] = ZERO
+def both(fn):
+    """A step kernel compiled twice: [False] on the calling thread (prange runs as range), [True] with its batch
+    rows on Numba's threads. The parallel launch costs microseconds a call, so one thread takes the first."""
+    serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    serial.__qualname__ = fn.__qualname__ + "_serial"   # a cache entry of its own: Numba's cache key ignores flags
+    return jit(serial), pjit(fn)
 
 
-# Row helpers: each loop touches few arrays so LLVM vectorises it without giving up on alias checks.
+@pjit
+def _touch(a):
+    for k in prange(a.shape[0]):
+        a[k] = ZERO
+
+
+@lru_cache(maxsize=None)
+def threading_layer():
+    """Numba's threading layer, started by one tiny parallel launch when none has run yet."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        _touch(np.empty(1, np.float32))
+        return numba.threading_layer()
+
+
+def step_threads():
+    """Threads for the step kernels: THREADS if set; else Numba's count, or 1 under spinning OpenMP workers."""
+    if THREADS is not None:
+        return THREADS
+    if threading_layer() == "omp" and os.environ.get("OMP_WAIT_POLICY", "").lower() != "passive":
+        return 1
+    return numba.get_num_threads()
+
+
+@contextmanager
+def kernel_threads():
+    """For one sweep: the calling thread's Numba thread count set to step_threads(), restored after; yields
+    whether the parallel kernels run (more than one thread)."""
+    before = numba.get_num_threads()
+    threads = min(step_threads(), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(threads)
+    try:
+        with _workqueue_lock if threads > 1 and threading_layer() == "workqueue" else nullcontext():
+            yield threads > 1
+    finally:
+        numba.set_num_threads(before)
+
+
+# Every step kernel can run its batch rows on all of Numba's threads (prange over b: a row's arithmetic is the same
+# whichever thread runs it). It reads the recurrent GEMM's feature-major output, gh[:, b] a strided column, in one
+# loop per row; the other loops run over contiguous rows and vectorise, each touching few arrays so LLVM keeps the
+# vector form without giving up on alias checks.
 
 @inline
-def preact_row(g, gh, b_hh):
+def preact_row(g, gh, b, bias):
+    """g (n,) += gh[:, b] + bias (n,); gh (n, B) read down column b."""
     for j in range(g.shape[0]):
-        g[j] += gh[j] + b_hh[j]
+        g[j] += gh[j, b] + bias[j]
 
 
 @inline
@@ -194,14 +249,41 @@ def tanh_row(a):
         a[j] = tanh(a[j])
 
 
-@jit
-def lstm_forward_step(g, gh, b_hh, lengths, t, c, c_out, h_state, y):
+@inline
+def dh_row(dh, dh_in, b, dy):
+    """dh (H,) += dh_in[:, b] + dy (H,): what reaches h_t, the GEMM's feature-major dh_in (H, B) read strided."""
+    for j in range(dh.shape[0]):
+        dh[j] += dh_in[j, b] + dy[j]
+
+
+# ---- one step forward: g (B, G*H) is xw[t] in and the activated gates out; gh (G*H, B) = W_hh h_prev^T, the
+# GEMM's output; bias (G*H,) = b_ih + b_hh, summed once per sweep; h_state (B, H) the running state in/out; y (B, H)
+# is y[t]; padded sequences keep their state.
+
+@both
+def elman_forward_step(code, g, gh, bias, lengths, t, h_state, y):
+    """gh: (B, H) batch-major, the one exception: at G = 1 reading the (H, B) GEMM output's strided columns
+    cost more than numpy's transposing copy plus this one contiguous loop."""
+    B, H = y.shape
+    for b in prange(B):
+        if t < lengths[b]:
+            for j in range(H):
+                h = act(code, g[b, j] + gh[b, j] + bias[j])
+                y[b, j] = h
+                h_state[b, j] = h
+        else:
+            y[b, :] = ZERO
+
+
+@both
+def lstm_forward_step(g, gh, bias, lengths, t, c, c_out, h_state, y):
     """c: (B, H) cell state in/out; c_out: (B, H) c_t saved for backward (may be c itself)."""
     B, H = y.shape
-    for b in range(B):
+    for b in prange(B):
+        cb, yb = c[b], y[b]
         if t < lengths[b]:
-            gb, cb, yb = g[b], c[b], y[b]
-            preact_row(gb, gh[b], b_hh)
+            gb = g[b]
+            preact_row(gb, gh, b, bias)
             sigmoid_row(gb[:2 * H])
             tanh_row(gb[2 * H:3 * H])
             sigmoid_row(gb[3 * H:])
@@ -212,61 +294,65 @@ def lstm_forward_step(g, gh, b_hh, lengths, t, c, c_out, h_state, y):
                 yb[j] = o[j] * tanh(cb[j])                  # h' = o tanh(c')
             h_state[b] = yb
         else:
-            y[b] = ZERO
-        c_out[b] = c[b]
+            yb[:] = ZERO
+        c_out[b] = cb
 
 
-@jit
-def gru_forward_step(g, gh, b_hh, lengths, t, hn_out, h_state, y):
-    """hn_out: (B, H) h_prev W_hn^T + b_hn saved for backward."""
+@both
+def gru_forward_step(g, gh, bias, b_hn, lengths, t, hn_out, h_state, y):
+    """bias (3H,): b_ih + b_hh for r and z, b_in for n; b_hn (H,) sits inside r; hn_out: (B, H) h_prev W_hn^T + b_hn
+    saved for backward."""
     B, H = y.shape
-    for b in range(B):
+    for b in prange(B):
+        yb = y[b]
         if t < lengths[b]:
-            gb, ghb, hnb, hb, yb = g[b], gh[b], hn_out[b], h_state[b], y[b]
-            preact_row(gb[:2 * H], ghb[:2 * H], b_hh[:2 * H])
+            gb, hnb, hb = g[b], hn_out[b], h_state[b]
+            preact_row(gb[:2 * H], gh, b, bias)                 # reads gh rows 0..2H-1
             sigmoid_row(gb[:2 * H])
             r, z, n = gb[:H], gb[H:2 * H], gb[2 * H:]
             for j in range(H):
-                hnb[j] = ghb[2 * H + j] + b_hh[2 * H + j]
+                hnb[j] = gh[2 * H + j, b] + b_hn[j]
             for j in range(H):
-                n[j] = tanh(n[j] + r[j] * hnb[j])            # n = tanh(xn + r hn)
+                n[j] = tanh(n[j] + bias[2 * H + j] + r[j] * hnb[j])   # n = tanh(xn + b_in + r hn)
             for j in range(H):
                 yb[j] = (ONE - z[j]) * n[j] + z[j] * hb[j]   # h' = (1 - z) n + z h
             h_state[b] = yb
         else:
-            y[b] = ZERO
+            yb[:] = ZERO
 
 
-# ---- one step backward, t = T-1..0. dh_in (B, H) = dG_{t+1} W_hh (zero rows where step t+1 was padded);
-# dh_acc (B, H) carries what reaches h_{t} besides that GEMM: dstate_n until the sequence's last step, then the
-# GRU's direct path dh z (0 for the others). dg (B, G*H) is dgx[t], and dgh[t] the next GEMM's operand.
+# ---- one step backward, t = T-1..0. dh_in (H, B) = W_hh^T dG_{t+1}^T, the GEMM's output (zero columns where step
+# t+1 was padded); dh_acc (B, H) carries what reaches h_t besides that GEMM: dstate_n until the sequence's last step,
+# then the GRU's direct path dh z (0 for the others); each valid step adds dh_in and dy into it, uses it as dh_t and
+# leaves there what goes on to h_{t-1}. dg (B, G*H) is dgx[t], and dgh[t] the next GEMM's operand.
 
-@jit
+@both
 def elman_backward_step(code, y, dy, lengths, t, dh_in, dh_acc, dg):
     B, H = y.shape
-    for b in range(B):
+    for b in prange(B):
+        dgb = dg[b]
         if t < lengths[b]:
+            dh, yb = dh_acc[b], y[b]
+            dh_row(dh, dh_in, b, dy[b])
             for j in range(H):
-                dp = (dh_acc[b, j] + dh_in[b, j] + dy[b, j]) * act_grad(code, y[b, j])   # h = act(p)
-                dg[b, j] = dp
-                dh_acc[b, j] = ZERO
+                dgb[j] = dh[j] * act_grad(code, yb[j])      # h = act(p): dp = dh act'(p)
+            dh[:] = ZERO
         else:
-            dg[b, :] = ZERO
+            dgb[:] = ZERO
 
 
-@jit
+@both
 def lstm_backward_step(g, c, c_prev, dy, lengths, t, dh_in, dh_acc, dc_acc, dg):
     """g: (B, 4H) saved gates i, f, g, o; c, c_prev: (B, H) c_t, c_{t-1}; dc_acc: (B, H) dL/dc_t in, dL/dc_{t-1} out."""
     B, H = c.shape
-    for b in range(B):
+    for b in prange(B):
+        db = dg[b]
         if t < lengths[b]:
-            gb, db, dh, dc = g[b], dg[b], dh_in[b], dc_acc[b]
+            gb, dh, dc = g[b], dh_acc[b], dc_acc[b]
             i, f, gg, o = gb[:H], gb[H:2 * H], gb[2 * H:3 * H], gb[3 * H:]
             di, df, dgg, do = db[:H], db[H:2 * H], db[2 * H:3 * H], db[3 * H:]
-            cb, cpb, dha, dyb = c[b], c_prev[b], dh_acc[b], dy[b]
-            for j in range(H):
-                dh[j] += dha[j] + dyb[j]
-                dha[j] = ZERO
+            cb, cpb = c[b], c_prev[b]
+            dh_row(dh, dh_in, b, dy[b])
             for j in range(H):
                 tc = tanh(cb[j])
                 dc[j] += dh[j] * o[j] * (ONE - tc * tc)     # h = o tanh(c): dc += dh o (1 - tanh^2 c)
@@ -280,22 +366,23 @@ def lstm_backward_step(g, c, c_prev, dy, lengths, t, dh_in, dh_acc, dc_acc, dg):
                 dgg[j] = dc[j] * i[j] * (ONE - gg[j] * gg[j])
             for j in range(H):
                 dc[j] *= f[j]
+            dh[:] = ZERO
         else:
-            dg[b] = ZERO
+            db[:] = ZERO
 
 
-@jit
+@both
 def gru_backward_step(g, hn, h_prev, dy, lengths, t, dh_in, dh_acc, dgx, dgh):
     """g: (B, 3H) saved r, z, n; hn: (B, H) saved h_prev W_hn^T + b_hn; dgh: (B, 3H) dgh[t]."""
     B, H = hn.shape
-    for b in range(B):
+    for b in prange(B):
+        dxb, dhb = dgx[b], dgh[b]
         if t < lengths[b]:
-            gb, dxb, dhb, dh, dha = g[b], dgx[b], dgh[b], dh_in[b], dh_acc[b]
+            gb, dh = g[b], dh_acc[b]
             r, z, n = gb[:H], gb[H:2 * H], gb[2 * H:]
             dr, dz, dn = dxb[:H], dxb[H:2 * H], dxb[2 * H:]
-            hnb, hpb, dyb = hn[b], h_prev[b], dy[b]
-            for j in range(H):
-                dh[j] += dha[j] + dyb[j]
+            hnb, hpb = hn[b], h_prev[b]
+            dh_row(dh, dh_in, b, dy[b])
             # h = (1 - z) n + z h_prev: dn = dh (1 - z), dz = dh (h_prev - n), dh_prev = dh z + GEMM
             for j in range(H):
                 dn[j] = dh[j] * (ONE - z[j]) * (ONE - n[j] * n[j])
@@ -304,13 +391,13 @@ def gru_backward_step(g, hn, h_prev, dy, lengths, t, dh_in, dh_acc, dgx, dgh):
             for j in range(H):
                 dr[j] = dn[j] * hnb[j] * r[j] * (ONE - r[j])   # n = tanh(xn + r hn): dr = dn hn, d(hn) = dn r
             for j in range(H):
-                dha[j] = dh[j] * z[j]
+                dh[j] *= z[j]
             dhb[:2 * H] = dxb[:2 * H]
             for j in range(H):
                 dhb[2 * H + j] = dn[j] * r[j]
         else:
-            dgx[b] = ZERO
-            dgh[b] = ZERO
+            dxb[:] = ZERO
+            dhb[:] = ZERO
 
 
 @dataclass
@@ -324,71 +411,97 @@ class FusedCtx:
     c0: np.ndarray = None   # (B, H) LSTM
     c: np.ndarray = None    # (T, B, H) LSTM cell state after each step
     hn: np.ndarray = None   # (T, B, H) GRU h_prev @ W_hn.T + b_hn
+    workspace: object = None   # where backward takes its buffers, as forward did
 
 
-def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True):
+def step_bias(cell, b_ih, b_hh):
+    """What the step kernels add to xw[t] + gh: (G*H,) b_ih + b_hh, summed once per sweep; for the GRU the n rows
+    get b_in only, and b_hn (H,) comes back separately (it sits inside r: n = tanh(xn + b_in + r (gh_n + b_hn)))."""
+    H = b_hh.shape[0] // GATES[cell]
+    if b_ih is None:
+        bias = b_hh.astype(np.float32)          # a copy: the GRU's n rows are zeroed below
+        b_ih_n = 0
+    else:
+        bias = np.add(b_ih, b_hh, dtype=np.float32)
+        b_ih_n = b_ih[2 * H:]
+    if cell != "gru":
+        return bias, None
+    bias[2 * H:] = b_ih_n
+    return bias, np.ascontiguousarray(b_hh[2 * H:], dtype=np.float32)
+
+
+def _allocator(workspace):
+    return np.empty if workspace is None else workspace.empty
+
+
+def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, b_ih=None, workspace=None):
     if xw.dtype != np.float32:
-        return numpy_ref.forward(cell, xw, w_hh, b_hh, state0, lengths, training)
+        return numpy_ref.forward(cell, xw, w_hh, b_hh, state0, lengths, training, b_ih=b_ih)
+    empty = _allocator(workspace)
     T, B, GH = xw.shape
     H = w_hh.shape[1]
     g = np.ascontiguousarray(xw)                           # (T, B, GH), becomes the gates
     w_hh = np.ascontiguousarray(w_hh)
-    b_hh = np.ascontiguousarray(b_hh)
+    bias, b_hn = step_bias(cell, b_ih, b_hh)
     lengths = np.ascontiguousarray(lengths, dtype=np.int32)
     h = np.array(state0[0], np.float32)                    # (B, H) running state, a copy: state0 stays as it was
-    ghT = np.empty((GH, B), np.float32)                    # W_hh h^T, the GEMM's fast layout
-    gh = np.empty((B, GH), np.float32)                     # its transpose, what the step kernel reads
-    y = np.empty((T, B, H), np.float32)
+    gh = empty((GH, B), np.float32)                        # W_hh h^T, the GEMM's fast layout, read as it is
+    gh_rows = empty((B, H), np.float32) if cell.startswith("rnn") else None   # Elman: its transpose
+    y = empty((T, B, H), np.float32)
     code = ACT_CODE.get(cell[4:])                          # Elman's activation
     c = cs = hn = None
     if cell == "lstm":
         c = np.array(state0[1], np.float32)
-        cs = np.empty((T, B, H), np.float32) if training else None
+        cs = empty((T, B, H), np.float32) if training else None
     elif cell == "gru":
-        hn = np.empty((T if training else 1, B, H), np.float32)
-    for t in range(T):
-        np.matmul(w_hh, h.T, out=ghT)
-        np.copyto(gh, ghT.T)
-        if cell == "lstm":
-            lstm_forward_step(g[t], gh, b_hh, lengths, t, c, cs[t] if training else c, h, y[t])
-        elif cell == "gru":
-            gru_forward_step(g[t], gh, b_hh, lengths, t, hn[t if training else 0], h, y[t])
-        else:
-            elman_forward_step(code, g[t], gh, b_hh, lengths, t, h, y[t])
+        hn = empty((T if training else 1, B, H), np.float32)
+    with kernel_threads() as par:
+        for t in range(T):
+            np.matmul(w_hh, h.T, out=gh)
+            if cell == "lstm":
+                lstm_forward_step[par](g[t], gh, bias, lengths, t, c, cs[t] if training else c, h, y[t])
+            elif cell == "gru":
+                gru_forward_step[par](g[t], gh, bias, b_hn, lengths, t, hn[t if training else 0], h, y[t])
+            else:
+                np.copyto(gh_rows, gh.T)
+                elman_forward_step[par](code, g[t], gh_rows, bias, lengths, t, h, y[t])
     state_n = (h, c) if cell == "lstm" else (h,)
     if not training:
         return y, state_n, None
     ctx = FusedCtx(cell, lengths, w_hh, state0[0], y, None if cell.startswith("rnn") else g,
-                   c0=state0[1] if cell == "lstm" else None, c=cs, hn=hn if cell == "gru" else None)
+                   c0=state0[1] if cell == "lstm" else None, c=cs, hn=hn if cell == "gru" else None,
+                   workspace=workspace)
     return y, state_n, ctx
 
 
 def backward(ctx, dy, dstate_n):
     if not isinstance(ctx, FusedCtx):
         return numpy_ref.backward(ctx, dy, dstate_n)
+    empty = _allocator(ctx.workspace)
     cell, lengths, w_t = ctx.cell, ctx.lengths, ctx.w_hh.T   # w_t: (H, GH) view
     T, B, H = ctx.y.shape
     GH = ctx.w_hh.shape[0]
     dy = np.ascontiguousarray(dy, dtype=np.float32)
-    dgx = np.empty((T, B, GH), np.float32)
-    dgh = np.empty_like(dgx) if cell == "gru" else dgx
+    dgx = empty((T, B, GH), np.float32)
+    dgh = empty((T, B, GH), np.float32) if cell == "gru" else dgx
     dh_acc = np.array(dstate_n[0], np.float32)             # (B, H)
     dc_acc = np.array(dstate_n[1], np.float32) if cell == "lstm" else None
-    dhT = np.empty((H, B), np.float32)                     # W_hh^T dG^T, the GEMM's fast layout
-    dh_in = np.zeros((B, H), np.float32)                   # its transpose; nothing comes from beyond step T-1
+    dh_in = np.zeros((H, B), np.float32)                   # W_hh^T dG^T, the GEMM's fast layout; 0 beyond step T-1
     code = ACT_CODE.get(cell[4:])                          # Elman's activation
-    for t in range(T - 1, -1, -1):
-        if cell == "lstm":
-            c_prev = ctx.c[t - 1] if t > 0 else ctx.c0
-            lstm_backward_step(ctx.gates[t], ctx.c[t], c_prev, dy[t], lengths, t, dh_in, dh_acc, dc_acc, dgx[t])
-        elif cell == "gru":
-            h_prev = ctx.y[t - 1] if t > 0 else ctx.h0
-            gru_backward_step(ctx.gates[t], ctx.hn[t], h_prev, dy[t], lengths, t, dh_in, dh_acc, dgx[t], dgh[t])
-        else:
-            elman_backward_step(code, ctx.y[t], dy[t], lengths, t, dh_in, dh_acc, dgx[t])
-        np.matmul(w_t, dgh[t].T, out=dhT)
-        np.copyto(dh_in, dhT.T)
-    dh_acc += dh_in
+    with kernel_threads() as par:
+        for t in range(T - 1, -1, -1):
+            if cell == "lstm":
+                c_prev = ctx.c[t - 1] if t > 0 else ctx.c0
+                lstm_backward_step[par](ctx.gates[t], ctx.c[t], c_prev, dy[t], lengths, t, dh_in, dh_acc, dc_acc,
+                                        dgx[t])
+            elif cell == "gru":
+                h_prev = ctx.y[t - 1] if t > 0 else ctx.h0
+                gru_backward_step[par](ctx.gates[t], ctx.hn[t], h_prev, dy[t], lengths, t, dh_in, dh_acc, dgx[t],
+                                       dgh[t])
+            else:
+                elman_backward_step[par](code, ctx.y[t], dy[t], lengths, t, dh_in, dh_acc, dgx[t])
+            np.matmul(w_t, dgh[t].T, out=dh_in)
+    dh_acc += dh_in.T
     return dgx, dgh, ((dh_acc, dc_acc) if cell == "lstm" else (dh_acc,))
 
 

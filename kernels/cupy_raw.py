@@ -122,10 +122,12 @@ class SweepCtx:
     hn: object = None   # (T, B, H) GRU h_prev @ W_hn.T + b_hn
 
 
-def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto"):
+def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto", b_ih=None):
     _check_sweep(sweep)
     cp = _cupy()
     dtype = _float_type(xw, "xw")
+    if b_ih is not None:
+        xw = xw + b_ih
     T, B, GH = xw.shape
     H = w_hh.shape[1]
     (step,) = _kernels(step_kernels(cell, dtype)[0])

@@ -67,21 +67,31 @@ def build(dtype):
         return F(1)
 
     @cuda.jit(device=True)
-    def unit_forward(cell, act, t, b, j, valid, xw, b_hh, r0, r1, r2, r3, h_prev, c, y, gates, cs, hns):
+    def inputs(xw, t, b, j, G):
+        """x0..x3 = xw[t, b, g*H + j] for gates g < G, 0 for the others. xw: (T, B, G*H)."""
+        H = xw.shape[2] // G
+        x1 = xw[t, b, H + j] if G > 1 else F(0)
+        x2 = xw[t, b, 2 * H + j] if G > 2 else F(0)
+        x3 = xw[t, b, 3 * H + j] if G > 3 else F(0)
+        return xw[t, b, j], x1, x2, x3
+
+    @cuda.jit(device=True)
+    def unit_forward(cell, act, t, b, j, valid, x0, x1, x2, x3, b_hh, r0, r1, r2, r3, h_prev, c, y, gates, cs,
+                     hns):
         """One step of hidden unit (b, j); returns the state h after step t.
 
-        r0..r3: (h_prev @ W_hh.T)[b, g*H + j] for gate g (no bias); unused gates pass 0
-        xw: (T, B, G*H)  b_hh: (G*H,)  h_prev: the scalar h[b, j] before the step
+        x0..x3: xw[t, b, g*H + j] (`inputs`), r0..r3: (h_prev @ W_hh.T)[b, g*H + j] for gate g (no bias);
+        unused gates pass 0. b_hh: (G*H,)  h_prev: the scalar h[b, j] before the step
         c: (B, H) LSTM cell state, updated in place  y: (T, B, H)
         gates: (T, B, G*H) activated gates (Elman: y itself)  cs: (T, B, H) LSTM c after each step
         hns: (T, B, H) GRU h_prev @ W_hn.T + b_hn
         """
         H = y.shape[2]
         if cell == LSTM:
-            i = sigmoid(xw[t, b, j] + r0 + b_hh[j])
-            f = sigmoid(xw[t, b, H + j] + r1 + b_hh[H + j])
-            g = math.tanh(xw[t, b, 2 * H + j] + r2 + b_hh[2 * H + j])
-            o = sigmoid(xw[t, b, 3 * H + j] + r3 + b_hh[3 * H + j])
+            i = sigmoid(x0 + r0 + b_hh[j])
+            f = sigmoid(x1 + r1 + b_hh[H + j])
+            g = math.tanh(x2 + r2 + b_hh[2 * H + j])
+            o = sigmoid(x3 + r3 + b_hh[3 * H + j])
             c_new = f * c[b, j] + i * g
             h_new = o * math.tanh(c_new)
             gates[t, b, j] = i
@@ -93,16 +103,16 @@ def build(dtype):
             cs[t, b, j] = c[b, j]
         elif cell == GRU:
             hn = r2 + b_hh[2 * H + j]
-            r = sigmoid(xw[t, b, j] + r0 + b_hh[j])
-            z = sigmoid(xw[t, b, H + j] + r1 + b_hh[H + j])
-            n = math.tanh(xw[t, b, 2 * H + j] + r * hn)
+            r = sigmoid(x0 + r0 + b_hh[j])
+            z = sigmoid(x1 + r1 + b_hh[H + j])
+            n = math.tanh(x2 + r * hn)
             h_new = (F(1) - z) * n + z * h_prev
             gates[t, b, j] = r
             gates[t, b, H + j] = z
             gates[t, b, 2 * H + j] = n
             hns[t, b, j] = hn
         else:
-            h_new = activate(act, xw[t, b, j] + r0 + b_hh[j])
+            h_new = activate(act, x0 + r0 + b_hh[j])
             gates[t, b, j] = h_new
         y[t, b, j] = h_new if valid else F(0)
         return h_new if valid else h_prev
@@ -169,8 +179,9 @@ def build(dtype):
         r1 = gh[b, H + j] if G > 1 else F(0)
         r2 = gh[b, 2 * H + j] if G > 2 else F(0)
         r3 = gh[b, 3 * H + j] if G > 3 else F(0)
-        h[b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], xw, b_hh, gh[b, j], r1, r2, r3, h[b, j],
-                               c, y, gates, cs, hns)
+        x0, x1, x2, x3 = inputs(xw, t, b, j, G)
+        h[b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], x0, x1, x2, x3, b_hh, gh[b, j], r1, r2, r3,
+                               h[b, j], c, y, gates, cs, hns)
 
     @cuda.jit
     def step_backward(cell, act, t, dhg, dh, dy, y, h0, gates, cs, c0, hns, lengths, dc, dgx, dgh):
@@ -182,135 +193,6 @@ def build(dtype):
             return
         dh[b, j] = unit_backward(cell, act, t, b, j, t < lengths[b], dh[b, j] + dhg[b, j], dy, y, h0, gates,
                                  cs, c0, hns, dc, dgx, dgh)
-
-    @cuda.jit
-    def persistent_forward(cell, act, xw, w_hh, b_hh, lengths, hbuf, c, y, gates, cs, hns):
-        """All T steps in one cooperative launch.
-
-        hbuf: (2, B, H) h double buffer: step t reads hbuf[t % 2] (written by every block) and writes
-        hbuf[(t + 1) % 2]; hbuf[0] holds h0 on entry and hbuf[T % 2] is h_n on exit. w_hh: (G*H, H).
-        Block k owns hidden units j0 .. j0+nj-1 (hs = ceil(H / gridDim.x)) and keeps their G*nj rows of
-        W_hh in dynamic shared memory, transposed: w_sh[(g*H + k)*nj + jj] = w_hh[g*H + j0 + jj, k], so the
-        threads of a warp (consecutive jj) read consecutive banks. Shared memory after w_sh: 4 partial sums per
-        thread. When the block has more threads than (b, jj) items, `lanes` threads split each dot product
-        over k and add their partial sums through shared memory. One grid.sync() per step.
-        """
-        T = xw.shape[0]
-        B, H = hbuf.shape[1], hbuf.shape[2]
-        G = w_hh.shape[0] // H
-        hs = (H + cuda.gridDim.x - 1) // cuda.gridDim.x
-        j0 = cuda.blockIdx.x * hs
-        nj = max(0, min(hs, H - j0))
-        tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
-        sm = cuda.shared.array(0, dtype=xw.dtype)
-        red = G * H * hs                                  # offset of the partial sums
-        for e in range(tid, G * H * nj, nthreads):        # e = (g*nj + jj)*H + k: coalesced global reads
-            k = e % H
-            gj = e // H
-            g = gj // nj
-            jj = gj - g * nj
-            sm[(g * H + k) * nj + jj] = w_hh[g * H + j0 + jj, k]
-        cuda.syncthreads()
-        items = B * nj                                    # (b, jj) pairs of this block
-        lanes = max(1, nthreads // max(items, 1))
-        per_pass = nthreads // lanes
-        q, p = tid % per_pass, tid // per_pass            # item within a pass, lane
-        grid = cuda.cg.this_grid()
-        for t in range(T):
-            cur = t % 2
-            for base in range(0, items, per_pass):
-                it = base + q
-                active = it < items and p < lanes
-                b = it // max(nj, 1)
-                jj = it - b * nj
-                a0 = a1 = a2 = a3 = F(0)
-                if active:
-                    for k in range(p, H, lanes):
-                        hk = hbuf[cur, b, k]
-                        w = k * nj + jj
-                        a0 += hk * sm[w]
-                        if G > 1:
-                            a1 += hk * sm[w + H * nj]
-                            a2 += hk * sm[w + 2 * H * nj]
-                        if G > 3:
-                            a3 += hk * sm[w + 3 * H * nj]
-                if lanes > 1:
-                    if active:
-                        s = red + 4 * tid
-                        sm[s] = a0
-                        sm[s + 1] = a1
-                        sm[s + 2] = a2
-                        sm[s + 3] = a3
-                    cuda.syncthreads()
-                    if active and p == 0:
-                        for lane in range(1, lanes):
-                            s = red + 4 * (lane * per_pass + q)
-                            a0 += sm[s]
-                            a1 += sm[s + 1]
-                            a2 += sm[s + 2]
-                            a3 += sm[s + 3]
-                if active and p == 0:
-                    j = j0 + jj
-                    hbuf[1 - cur, b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], xw, b_hh,
-                                                       a0, a1, a2, a3, hbuf[cur, b, j], c, y, gates, cs, hns)
-                if lanes > 1:
-                    cuda.syncthreads()                    # partial sums are reused by the next pass
-            grid.sync()
-
-    @cuda.jit
-    def persistent_backward(cell, act, w_hh, lengths, dh, dy, y, h0, gates, cs, c0, hns, dc, dgx, dgh):
-        """All T backward steps in one cooperative launch; dh: (B, H) dL/dh_n on entry, dL/dh0 on exit.
-
-        dL/dh_{t}[b, k] = carried[b, k] + sum_gj dgh[t+1, b, gj] W_hh[gj, k]: block k owns columns
-        j0 .. j0+nj-1 and keeps W_hh[:, j0:j0+nj] in shared memory as w_sh[gj*nj + jj]; a warp's threads
-        (consecutive jj, same b) read one dgh value (broadcast) and consecutive banks. Lanes as in
-        persistent_forward. The pass after step 0 (t = -1) adds dgh[0] @ W_hh to give dL/dh0.
-        """
-        T = dy.shape[0]
-        B, H = dh.shape
-        GH = w_hh.shape[0]
-        hs = (H + cuda.gridDim.x - 1) // cuda.gridDim.x
-        j0 = cuda.blockIdx.x * hs
-        nj = max(0, min(hs, H - j0))
-        tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
-        sm = cuda.shared.array(0, dtype=dy.dtype)
-        red = GH * hs
-        for e in range(tid, GH * nj, nthreads):           # e = gj*nj + jj: coalesced global reads
-            gj = e // nj
-            sm[e] = w_hh[gj, j0 + e - gj * nj]
-        cuda.syncthreads()
-        items = B * nj
-        lanes = max(1, nthreads // max(items, 1))
-        per_pass = nthreads // lanes
-        q, p = tid % per_pass, tid // per_pass
-        grid = cuda.cg.this_grid()
-        for t in range(T - 1, -2, -1):
-            for base in range(0, items, per_pass):
-                it = base + q
-                active = it < items and p < lanes
-                b = it // max(nj, 1)
-                jj = it - b * nj
-                a = F(0)
-                if active and t + 1 < T:
-                    for gj in range(p, GH, lanes):
-                        a += dgh[t + 1, b, gj] * sm[gj * nj + jj]
-                if lanes > 1:
-                    if active:
-                        sm[red + tid] = a
-                    cuda.syncthreads()
-                    if active and p == 0:
-                        for lane in range(1, lanes):
-                            a += sm[red + lane * per_pass + q]
-                if active and p == 0:
-                    j = j0 + jj
-                    dh_in = dh[b, j] + a
-                    if t >= 0:
-                        dh_in = unit_backward(cell, act, t, b, j, t < lengths[b], dh_in, dy, y, h0, gates,
-                                              cs, c0, hns, dc, dgx, dgh)
-                    dh[b, j] = dh_in
-                if lanes > 1:
-                    cuda.syncthreads()
-            grid.sync()
 
     @cuda.jit
     def jordan_hidden(act, t, xw, hy, lengths, h):
@@ -358,9 +240,9 @@ def build(dtype):
         if b < B:
             dph[t, b, j] = dhh[b, j] * activate_grad(act, h[t, b, j])
 
-    return SimpleNamespace(step_forward=step_forward, step_backward=step_backward,
-                           persistent_forward=persistent_forward, persistent_backward=persistent_backward,
+    return SimpleNamespace(activate=activate, activate_grad=activate_grad,
+                           inputs=inputs, unit_forward=unit_forward, unit_backward=unit_backward,
+                           step_forward=step_forward, step_backward=step_backward,
                            jordan_hidden=jordan_hidden, jordan_output=jordan_output,
                            jordan_output_backward=jordan_output_backward,
-                           jordan_hidden_backward=jordan_hidden_backward,
-                           activate=activate, activate_grad=activate_grad)
+                           jordan_hidden_backward=jordan_hidden_backward)

@@ -4,8 +4,9 @@
 
 prints one line per (target, dtype, kernel): `sm_90 float32 step_forward f64_ops=0 <the PTX .entry line>`
 (f64_ops: PTX instructions on float64, which a float32 kernel must not have), and exits 1 on the first
-compile error or when a kernel's PTX has no `.entry` naming it. The cell is a kernel argument, so one
-compile per kernel and dtype covers every cell. Needs NVVM and libdevice (a CUDA toolkit or NVIDIA's wheels).
+compile error or when a kernel's PTX has no `.entry` naming it. The per-step kernels take the cell as an
+argument, so one compile per kernel and dtype covers every cell; the persistent kernels are built per cell
+(`persistent_forward_lstm`, ..., `persistent_jordan_forward`). Needs NVVM and libdevice (a CUDA toolkit or NVIDIA's wheels).
 """
 import sys
 from types import SimpleNamespace
@@ -13,7 +14,10 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda, float32, float64, int32, int64
 
-from .numba_cuda_kernels import build
+from .numba_cuda_kernels import CELL_CODES, build
+from .numba_persistent import build as build_persistent, build_jordan
+
+PERSISTENT_CELLS = {"elman": CELL_CODES["rnn_tanh"], "lstm": CELL_CODES["lstm"], "gru": CELL_CODES["gru"]}
 
 
 def signatures(F):
@@ -22,8 +26,10 @@ def signatures(F):
     return {
         "step_forward": (i, i, i, a3, a2, a1, lens, a2, a2, a3, a3, a3, a3),
         "step_backward": (i, i, i, a2, a2, a3, a3, a2, a3, a3, a2, a3, lens, a2, a3, a3),
-        "persistent_forward": (i, i, a3, a2, a1, lens, a3, a2, a3, a3, a3, a3),
-        "persistent_backward": (i, i, a2, lens, a2, a3, a3, a2, a3, a3, a2, a3, a2, a3, a3),
+        "persistent_forward": (i, i, i, i, a3, a2, a1, lens, a3, a3, a2, a3, a3, a3, a3),
+        "persistent_backward": (i, i, i, i, a2, lens, a2, a3, a3, a2, a3, a3, a2, a3, a2, a3, a3),
+        "persistent_jordan_forward": (i, i, i, i, i, i, a3, a2, a2, a1, lens, a3, a3, a3, a3),
+        "persistent_jordan_backward": (i, i, i, i, i, i, a2, a2, lens, a3, a3, a3, a2, a3, a3),
         "jordan_hidden": (i, i, a3, a2, lens, a3),
         "jordan_output": (i, i, a2, a1, lens, a3, a2),
         "jordan_output_backward": (i, i, a3, a3, lens, a2, a2, a3),
@@ -38,22 +44,38 @@ def without_device(cc):
     dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
 
 
+def kernels(dtype):
+    """Kernel name -> (dispatcher, argument types) for every kernel of `dtype`."""
+    sigs = signatures(float32 if dtype == np.float32 else float64)
+    step = build(dtype)
+    found = {name: (getattr(step, name), sig) for name, sig in sigs.items() if not name.startswith("persistent")}
+    jordan = build_jordan(dtype)
+    found["persistent_jordan_forward"] = (jordan.forward, sigs["persistent_jordan_forward"])
+    found["persistent_jordan_backward"] = (jordan.backward, sigs["persistent_jordan_backward"])
+    for cell, code in PERSISTENT_CELLS.items():
+        persistent = build_persistent(dtype, code)
+        found[f"persistent_forward_{cell}"] = (persistent.forward, sigs["persistent_forward"])
+        found[f"persistent_backward_{cell}"] = (persistent.backward, sigs["persistent_backward"])
+    return found
+
+
 def compile_all(ccs):
-    """Yield (cc, dtype name, kernel name, PTX text) for every kernel, dtype and target."""
+    """Yield (cc, dtype name, kernel name, Python function name, PTX text) for every kernel, dtype and target,
+    compiled with the launch bounds the kernel's dispatcher carries."""
     for cc in ccs:
         if not cuda.is_available():
             without_device(cc)
-        for dtype, F in ((np.float32, float32), (np.float64, float64)):
-            kernels = build(dtype)
-            for name, sig in signatures(F).items():
-                ptx, _ = cuda.compile_ptx(getattr(kernels, name).py_func, sig, cc=cc)
-                yield cc, np.dtype(dtype).name, name, ptx
+        for dtype in (np.float32, np.float64):
+            for name, (kernel, sig) in kernels(dtype).items():
+                bounds = kernel.targetoptions.get("launch_bounds")
+                ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc, launch_bounds=bounds)
+                yield cc, np.dtype(dtype).name, name, kernel.py_func.__name__, ptx
 
 
 def main(argv):
     ccs = [(int(a[:-1]), int(a[-1])) for a in (argv or ["80", "90"])]
-    for cc, dtype, name, ptx in compile_all(ccs):
-        entries = [line for line in ptx.splitlines() if ".entry" in line and name in line]
+    for cc, dtype, name, function, ptx in compile_all(ccs):
+        entries = [line for line in ptx.splitlines() if ".entry" in line and function in line]
         if not entries:
             print(f"sm_{cc[0]}{cc[1]} {dtype} {name}: no .entry in the PTX", file=sys.stderr)
             return 1

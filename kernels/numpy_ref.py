@@ -67,7 +67,9 @@ class SweepCtx:
     hn: np.ndarray = None   # (T, B, H) GRU h_prev @ W_hn.T + b_hn
 
 
-def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True):
+def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, b_ih=None):
+    if b_ih is not None:
+        xw = xw + b_ih
     T, B, GH = xw.shape
     H = w_hh.shape[1]
     valid = valid_mask(lengths, T)

@@ -28,9 +28,10 @@ def test_json_rows_are_consistent(capsys):
             assert r["ratio"] == pytest.approx(r["ours_ms"] / r["peer_ms"])
 
 
-def test_profile_lists_every_part_of_each_step(capsys):
+@pytest.mark.parametrize("workspace", [[], ["--workspace"]])
+def test_profile_lists_every_part_of_each_step(capsys, workspace):
     assert bench.main(["--profile", "--cells", "lstm", "rnn_relu", "--sizes", "4,2,3", "--repeats", "2",
-                       "--json"]) == 0
+                       "--json"] + workspace) == 0
     result = json.loads(capsys.readouterr().out)
     assert [(p["cell"], p["T"], p["B"], p["H"]) for p in result["profiles"]] == [("lstm", 4, 2, 3),
                                                                                 ("rnn_relu", 4, 2, 3)]
@@ -48,6 +49,14 @@ def test_profile_table_names_the_cell_and_device(capsys):
     assert bench.main(["--profile", "--cells", "gru", "--sizes", "2,1,2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "gru T=2 B=1 H=I=2" in out and "whole step" in out and "device:" in out
+    assert "fresh buffers" in out and "Numba threads" in out
+
+
+def test_table_says_whether_the_workspace_is_on(capsys):
+    assert bench.main(["--cells", "lstm", "--sizes", "2,2,3", "--repeats", "1", "--mode", "train",
+                       "--workspace"]) == 0
+    out = capsys.readouterr().out
+    assert "workspace on" in out and "Numba threads" in out and "lstm" in out
 
 
 @pytest.mark.parametrize("argv", [["--repeats", "0"], ["--backend", "cupy"], ["--profile", "--backend", "numba"]])

@@ -109,3 +109,51 @@ def test_layer_inference_matches_training_forward():
 def test_layers_use_the_fused_module():
     from gpurnn import backend
     assert backend.kernels("numpy") is cpu_fused
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("cell", CELLS)
+def test_threads_do_not_change_results(cell, ragged, monkeypatch):
+    """The step kernels split batch rows over Numba's threads; one thread and all of them agree bit for bit."""
+    import numba
+    xw, w_hh, b_hh, state0, lengths, dy, dstate = sweep_problem(cell, 5, 7, 33, ragged, np.random.default_rng(9))
+    b_ih = np.random.default_rng(10).uniform(-0.5, 0.5, b_hh.shape)
+
+    def sweep(threads):
+        monkeypatch.setattr(cpu_fused, "THREADS", threads)
+        y, s_n, ctx = cpu_fused.forward(cell, f32(xw), f32(w_hh), f32(b_hh), f32(state0), lengths, b_ih=f32(b_ih))
+        dgx, dgh, ds0 = cpu_fused.backward(ctx, f32(dy), f32(dstate))
+        return (y,) + s_n + (dgx, dgh) + ds0
+    serial, parallel = sweep(1), sweep(numba.config.NUMBA_NUM_THREADS)
+    for got, want in zip(parallel, serial):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_step_threads_follow_numba_and_the_layer(monkeypatch):
+    import numba
+    monkeypatch.setattr(cpu_fused, "THREADS", None)
+    layer = cpu_fused.threading_layer()
+    assert layer in ("tbb", "omp", "workqueue")
+    spinning = layer == "omp" and cpu_fused.os.environ.get("OMP_WAIT_POLICY", "").lower() != "passive"
+    assert cpu_fused.step_threads() == (1 if spinning else numba.get_num_threads())
+    monkeypatch.setattr(cpu_fused, "THREADS", 1)
+    before = numba.get_num_threads()
+    with cpu_fused.kernel_threads():
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == before
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("cell", CELLS)
+def test_input_bias_in_the_sweep_matches_adding_it_first(cell, ragged):
+    """b_ih given to the sweep (summed with b_hh once, added in the step kernel) against xw + b_ih in the reference."""
+    xw, w_hh, b_hh, state0, lengths, dy, dstate = sweep_problem(cell, 6, 3, 9, ragged, np.random.default_rng(11))
+    b_ih = np.random.default_rng(12).uniform(-0.5, 0.5, b_hh.shape)
+    y, s_n, ctx = numpy_ref.forward(cell, xw + b_ih, w_hh, b_hh, state0, lengths)
+    y32, s_n32, ctx32 = cpu_fused.forward(cell, f32(xw), f32(w_hh), f32(b_hh), f32(state0), lengths, b_ih=f32(b_ih))
+    assert_close((y32,) + s_n32, (y,) + s_n)
+    dgx, dgh, ds0 = numpy_ref.backward(ctx, dy, dstate)
+    assert_close(cpu_fused.backward(ctx32, f32(dy), f32(dstate))[:2], (dgx, dgh))
+    y64, s_n64, _ = numpy_ref.forward(cell, xw, w_hh, b_hh, state0, lengths, b_ih=b_ih)
+    for got, want in zip((y64,) + s_n64, (y,) + s_n):
+        np.testing.assert_array_equal(got, want)

@@ -1,8 +1,8 @@
 """The numba backend's kernels against the float64 NumPy reference: outputs, final states and every gradient.
 
-Without a GPU these run in Numba's CUDA simulator (conftest sets NUMBA_ENABLE_CUDASIM=1), which launches
-persistent sweeps with a one-block grid; with a GPU they run for real on CuPy arrays. Sizes stay tiny: the
-simulator runs one Python thread per CUDA thread.
+Without a GPU these run in Numba's CUDA simulator (conftest sets NUMBA_ENABLE_CUDASIM=1); persistent sweeps then
+run on several blocks at once through kernels/numba_sim.py (see test_persistent_many_blocks.py); with a GPU they
+run for real on CuPy arrays. Sizes stay tiny: the simulator runs one Python thread per CUDA thread.
 """
 import numpy as np
 import pytest
@@ -12,8 +12,9 @@ from gpurnn.kernels import numba_cuda as N
 from gpurnn.kernels import numpy_ref as ref
 from util import CELLS, make_layer, random_problem, to_numpy
 
-# (T, B, H, lengths): T = B = H = 1; odd sizes with ragged lengths; H = 33 (the persistent sweep needs several
-# passes over a block's units); B*H = 36 > 32 threads of a simulator block, so the per-step kernels span blocks.
+# (T, B, H, lengths): T = B = H = 1; odd sizes with ragged lengths; H = 33 (3 blocks of 12 units in a persistent
+# sweep, so each warp takes several items); B*H = 36 > 32 threads of a simulator block, so the per-step kernels
+# span blocks.
 SHAPES = {"T1B1H1": (1, 1, 1, [1]), "ragged": (4, 3, 5, [4, 2, 1]), "H33": (2, 2, 33, [2, 2]),
           "blocks": (3, 4, 9, [3, 1, 2, 3])}
 TOL = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -79,37 +80,28 @@ def test_inference_returns_no_ctx_and_same_output(cell):
         np.testing.assert_allclose(to_numpy(a), b, **TOL[np.float64])
 
 
-def test_auto_sweep_follows_sizes_and_limits():
-    grid = N.persistent_grid(4, 8, 4, 4)
-    assert grid is not None and grid[1] <= N.SHARED_BYTES
-    assert N.choose_sweep("auto", 4, 8, 4, 4) == ("persistent", grid)
-    assert N.choose_sweep("auto", N.PERSISTENT_MAX_BATCH + 1, 8, 4, 4) == ("step", None)
-    assert N.choose_sweep("step", 4, 8, 4, 4) == ("step", None)
-    too_big = 4096    # W_hh of 4*4096 x 4096 float32 fits no GPU's shared memory
-    assert N.persistent_grid(4, too_big, 4, 4) is None
-    assert N.choose_sweep("auto", 4, too_big, 4, 4) == ("step", None)
-    with pytest.raises(ValueError, match="sweep='persistent'"):
-        N.choose_sweep("persistent", 4, too_big, 4, 4)
-    with pytest.raises(ValueError, match="sweep must be one of"):
-        N.choose_sweep("fused", 4, 8, 4, 4)
-
-
+@pytest.mark.parametrize("sweep", ["step", "persistent"])
 @pytest.mark.parametrize("act,out_act", [("tanh", "sigmoid"), ("relu", "identity"), ("sigmoid", "tanh")])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_jordan_matches_reference(act, out_act, dtype):
+def test_jordan_matches_reference(act, out_act, dtype, sweep):
     T, B, H, O = 4, 3, 5, 2
-    rng = np.random.default_rng(3)
-    xw, w_yh, w_hy, b_y, y0, dy, dy_n = (rng.standard_normal(s).astype(dtype).astype(np.float64) for s in
-                                         [(T, B, H), (H, O), (O, H), (O,), (B, O), (T, B, O), (B, O)])
-    lens = np.array([4, 1, 3], np.int32)
-    cast = (lambda a: on_device(a.astype(dtype)))
-    y, y_n, ctx = N.jordan_forward(cast(xw), cast(w_yh), cast(w_hy), cast(b_y), cast(y0), on_device(lens),
-                                   act, out_act, True)
-    got = to_numpy((y, y_n, *N.jordan_backward(ctx, cast(dy), cast(dy_n)), ctx.h))
-    y_r, y_n_r, ctx_r = ref.jordan_forward(xw, w_yh, w_hy, b_y, y0, lens, act, out_act, True)
-    want = (y_r, y_n_r, *ref.jordan_backward(ctx_r, dy, dy_n), ctx_r.h)
+    got, want, ctx = run_jordan(act, out_act, dtype, sweep, T, B, H, O, [4, 1, 3], np.random.default_rng(3))
+    assert ctx.plan.sweep == sweep
     for name, a, b in zip(["y", "y_n", "dph", "dpy", "dy0", "h"], got, want):
         np.testing.assert_allclose(a, b, err_msg=name, **TOL[dtype])
+
+
+def run_jordan(act, out_act, dtype, sweep, T, B, H, O, lengths, rng):
+    """(numba results, reference results, numba ctx): y, y_n, dph, dpy, dy0, h of one forward and backward."""
+    xw, w_yh, w_hy, b_y, y0, dy, dy_n = (rng.standard_normal(s).astype(dtype).astype(np.float64) for s in
+                                         [(T, B, H), (H, O), (O, H), (O,), (B, O), (T, B, O), (B, O)])
+    lens = np.array(lengths, np.int32)
+    cast = (lambda a: on_device(a.astype(dtype)))
+    y, y_n, ctx = N.jordan_forward(cast(xw), cast(w_yh), cast(w_hy), cast(b_y), cast(y0), on_device(lens),
+                                   act, out_act, True, sweep=sweep)
+    got = to_numpy((y, y_n, *N.jordan_backward(ctx, cast(dy), cast(dy_n)), ctx.h))
+    y_r, y_n_r, ctx_r = ref.jordan_forward(xw, w_yh, w_hy, b_y, y0, lens, act, out_act, True)
+    return got, (y_r, y_n_r, *ref.jordan_backward(ctx_r, dy, dy_n), ctx_r.h), ctx
 
 
 def layer_pair(cell, sweep, **kwargs):

@@ -35,14 +35,19 @@ class Layer(Sized):
         T, B, H = self.T, self.B, self.H
         self.forward = bench.make_ours(backend, cell, T, B, H, train=False)
         self.train_step = bench.make_ours(backend, cell, T, B, H, train=True)
+        self.train_step_workspace = bench.make_ours(backend, cell, T, B, H, train=True, workspace=True)
         self.forward()
         self.train_step()
+        self.train_step_workspace()
 
     def time_forward(self, backend, cell, size):
         self.forward()
 
     def time_train_step(self, backend, cell, size):
         self.train_step()
+
+    def time_train_step_workspace(self, backend, cell, size):
+        self.train_step_workspace()
 
     def peakmem_train_step(self, backend, cell, size):
         self.train_step()
