@@ -3,12 +3,13 @@ reference (kernels/numpy_ref.py through backend="numpy", dtype float64) and the 
 
 Each test runs per kind (Elman tanh/relu/sigmoid, LSTM, GRU, Jordan), backend and dtype; hypothesis draws T, B,
 I, H (1 and odd sizes included), layers, directions, batch_first, bias, ragged lengths, Jordan's activations, the
-numba sweep (step or persistent) and the data's seed. Checked: the output, the final state, dx, dstate0 and every
-parameter gradient; then the edge values: zeros and subnormals (match the reference), huge inputs, biases and input
-weights (finite, match the reference up to what near-saturation leaves undetermined, exact zero weight gradients
-and torch's values where every gate saturates), NaN and +-Inf in any input, state, parameter or upstream gradient
-(checks on: NonFiniteError naming the array, nothing changed; checks off: NaN and Inf reach the same elements as in
-the reference, and the reference's reach those of torch; two known gaps are strict xfails at the end).
+numba sweep (step or persistent), the numpy backend's workspace and the data's seed. Checked: the output, the
+final state, dx, dstate0 and every parameter gradient; then the edge values: zeros and subnormals (match the
+reference), huge inputs, biases and input weights (finite, match the reference up to what near-saturation leaves
+undetermined, exact zero weight gradients and torch's values where every gate saturates), NaN and +-Inf in any
+input, state, parameter or upstream gradient (checks on: NonFiniteError naming the array, nothing changed; checks
+off: NaN and Inf reach the same elements as in the reference, and the reference's reach those of torch; two known
+gaps are strict xfails at the end).
 
 Deterministic (derandomize, no example database) and bounded: the numba simulator runs one Python thread per CUDA
 thread, so it gets fewer and smaller examples than the CPU backends.
@@ -34,7 +35,7 @@ DTYPES = {"numpy": ("float32",), "numba": ("float32", "float64"), "cupy": ("floa
 EXAMPLES = {"numpy": 30, "cupy": 20, "numba": 6}          # per kind and dtype (edge tests: half)
 # simulator: one block of at most 32 threads per launch does most of the work; keep B*H and T small
 SIZES = {"numba": dict(max_T=3, max_B=3, max_I=3, hidden=range(1, 6), sweeps=("step", "persistent")),
-         "numpy": dict(hidden=[*range(1, 10), 16, 33]),
+         "numpy": dict(hidden=[*range(1, 10), 16, 33], workspaces=(False, True)),
          "cupy": dict(hidden=[*range(1, 10), 33, 70])}         # B*H = 280 > 256 threads: two blocks
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")
 
@@ -63,6 +64,7 @@ class Case:
     lengths: tuple = None
     seed: int = 0
     sweep: str = "auto"           # GPU backends: how a sweep runs (numba: "step" or "persistent")
+    workspace: bool = False       # numpy backend: buffers reused across calls
 
     def layer(self, dtype, backend="numpy"):
         """The layer (seeded parameters) on `backend`'s device."""
@@ -74,6 +76,7 @@ class Case:
                                bidirectional=self.bidirectional, batch_first=self.batch_first, dtype=dtype,
                                backend=backend, seed=self.seed)
             layer.sweep = self.sweep
+            layer.workspace(self.workspace)
         return layer.to(device_of(backend))
 
     @property
@@ -109,7 +112,8 @@ class Case:
 
 
 @st.composite
-def cases(draw, kind, max_T=6, max_B=4, max_I=5, hidden=range(1, 10), max_layers=2, sweeps=("auto",)):
+def cases(draw, kind, max_T=6, max_B=4, max_I=5, hidden=range(1, 10), max_layers=2, sweeps=("auto",),
+          workspaces=(False,)):
     """A Case of `kind`; H from `hidden`."""
     T, B, I = draw(st.integers(1, max_T)), draw(st.integers(1, max_B)), draw(st.integers(1, max_I))
     H = draw(st.sampled_from(hidden))
@@ -120,7 +124,7 @@ def cases(draw, kind, max_T=6, max_B=4, max_I=5, hidden=range(1, 10), max_layers
                     out_act=draw(st.sampled_from(ACTIVATIONS)), lengths=lengths, seed=seed)
     return Case(kind, T, B, I, H, num_layers=draw(st.integers(1, max_layers)), bidirectional=draw(st.booleans()),
                 batch_first=draw(st.booleans()), bias=draw(st.booleans()), lengths=lengths, seed=seed,
-                sweep=draw(st.sampled_from(sweeps)))
+                sweep=draw(st.sampled_from(sweeps)), workspace=draw(st.sampled_from(workspaces)))
 
 
 def reference_for(case, layer):
@@ -163,7 +167,10 @@ def test_backend_matches_reference(kind, backend, dtype):
     @examples(backend)
     @given(case=cases(kind, **SIZES[backend]))
     def check(case):
-        got, want = run_pair(case, case.layer(dtype, backend), case.problem(dtype))
+        layer, problem = case.layer(dtype, backend), case.problem(dtype)
+        if case.workspace:              # a first call leaves buffers for the second to reuse
+            layer_outputs(layer, *case.args(problem))
+        got, want = run_pair(case, layer, problem)
         assert_outputs_close(got, want, tolerance(case, dtype))
     check()
 
