@@ -8,6 +8,9 @@ shallow clone needs that commit fetched):
 
     python asv_bench/sweep_ab.py ea2b864 --cells rnn_tanh rnn_relu rnn_sigmoid lstm gru
 
+"new" is the working tree, so that times everything since ea2b864, the step-kernel rework included; the same
+command in a checkout of 1d380cb (the activations' last commit before that rework) times the activations alone.
+
 Both versions load into one process and alternate call by call (order flipped every round), so load from other
 processes hits both alike; reported per cell, size and direction: median ms of each ("old" is REV, "new" the
 working tree), new / old of the medians and of the minima (the minimum is the steadier figure on a busy machine).
