@@ -250,10 +250,11 @@ def tanh_row(a):
 
 
 @inline
-def dh_row(dh, dh_in, b, dy):
-    """dh (H,) += dh_in[:, b] + dy (H,): what reaches h_t, the GEMM's feature-major dh_in (H, B) read strided."""
+def dh_row(dh, dh_in, b, dy, carried):
+    """dh (H,) += dh_in[:, b] + dy (H,): what reaches h_t, the GEMM's feature-major dh_in (H, B) read strided;
+    dh_in only when `carried` (step t+1 of row b was valid: a padded step's 0 * W_hh is NaN if W_hh holds NaN)."""
     for j in range(dh.shape[0]):
-        dh[j] += dh_in[j, b] + dy[j]
+        dh[j] += (dh_in[j, b] if carried else ZERO) + dy[j]
 
 
 # ---- one step forward: g (B, G*H) is xw[t] in and the activated gates out; gh (G*H, B) = W_hh h_prev^T, the
@@ -333,7 +334,7 @@ def elman_backward_step(code, y, dy, lengths, t, dh_in, dh_acc, dg):
         dgb = dg[b]
         if t < lengths[b]:
             dh, yb = dh_acc[b], y[b]
-            dh_row(dh, dh_in, b, dy[b])
+            dh_row(dh, dh_in, b, dy[b], t + 1 < lengths[b])
             for j in range(H):
                 dgb[j] = dh[j] * act_grad(code, yb[j])      # h = act(p): dp = dh act'(p)
             dh[:] = ZERO
@@ -352,7 +353,7 @@ def lstm_backward_step(g, c, c_prev, dy, lengths, t, dh_in, dh_acc, dc_acc, dg):
             i, f, gg, o = gb[:H], gb[H:2 * H], gb[2 * H:3 * H], gb[3 * H:]
             di, df, dgg, do = db[:H], db[H:2 * H], db[2 * H:3 * H], db[3 * H:]
             cb, cpb = c[b], c_prev[b]
-            dh_row(dh, dh_in, b, dy[b])
+            dh_row(dh, dh_in, b, dy[b], t + 1 < lengths[b])
             for j in range(H):
                 tc = tanh(cb[j])
                 dc[j] += dh[j] * o[j] * (ONE - tc * tc)     # h = o tanh(c): dc += dh o (1 - tanh^2 c)
@@ -382,7 +383,7 @@ def gru_backward_step(g, hn, h_prev, dy, lengths, t, dh_in, dh_acc, dgx, dgh):
             r, z, n = gb[:H], gb[H:2 * H], gb[2 * H:]
             dr, dz, dn = dxb[:H], dxb[H:2 * H], dxb[2 * H:]
             hnb, hpb = hn[b], h_prev[b]
-            dh_row(dh, dh_in, b, dy[b])
+            dh_row(dh, dh_in, b, dy[b], t + 1 < lengths[b])
             # h = (1 - z) n + z h_prev: dn = dh (1 - z), dz = dh (h_prev - n), dh_prev = dh z + GEMM
             for j in range(H):
                 dn[j] = dh[j] * (ONE - z[j]) * (ONE - n[j] * n[j])
