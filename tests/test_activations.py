@@ -450,21 +450,9 @@ template <typename Act> __global__ void apply(const float* x, float* y) { y[thre
 def test_cuda_c_float32_ptx_is_the_source_operations(name):
     """NVRTC with the backend's options (its defaults: -fmad=true, -prec-div=true, -ftz=false) keeps common.cuh's
     operations: what the host harness proves bit-identical to cpu_fused is what the GPU runs."""
-    from test_cuda_compile import check_nvrtc, nvrtc_or_none
-    nvrtc = nvrtc_or_none()
-    if nvrtc is None:
+    from test_cuda_compile import nvrtc_build, nvrtc_or_none
+    if nvrtc_or_none() is None:
         pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc cuda-bindings)")
     kernel = f"apply<{cupy_raw.ACTIVATION_TYPES[name]}>"
-    result, prog = nvrtc.nvrtcCreateProgram((cupy_raw.header() + NVRTC_KERNEL).encode(), b"act.cu", 0, [], [])
-    try:
-        (result,) = nvrtc.nvrtcAddNameExpression(prog, kernel.encode())
-        options = [o.encode() for o in (*cupy_raw.OPTIONS, "-arch=compute_90")]
-        (result,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
-        check_nvrtc(nvrtc, result, prog, "compilation")
-        _, size = nvrtc.nvrtcGetPTXSize(prog)
-        ptx = b" " * size
-        (result,) = nvrtc.nvrtcGetPTX(prog, ptx)
-        check_nvrtc(nvrtc, result, prog, "getting the PTX")
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    ptx, _ = nvrtc_build(cupy_raw.header() + NVRTC_KERNEL, [kernel], "compute_90", ptx=True)
     check_ptx_operations(ptx.decode().rstrip("\0 "), name)
