@@ -22,8 +22,10 @@ ACT_CODES = {"tanh": TANH, "relu": RELU, "sigmoid": SIGMOID, "identity": IDENTIT
 
 
 def simulated_fma(a, b, c):
-    """The simulator's a * b + c: the float32 product is exact in float64, the sum rounded twice (semantics only)."""
-    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+    """The simulator's a * b + c: the float32 product is exact in float64, the sum rounded twice (semantics only);
+    beyond float32's range it is +-Inf, as on the GPU, without a warning."""
+    with np.errstate(over="ignore"):
+        return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
 
 
 @functools.lru_cache(maxsize=None)
