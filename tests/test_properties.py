@@ -8,8 +8,8 @@ final state, dx, dstate0 and every parameter gradient; then the edge values: zer
 reference), huge inputs, biases and input weights (finite, match the reference up to what near-saturation leaves
 undetermined, exact zero weight gradients and torch's values where every gate saturates), NaN and +-Inf in any
 input, state, parameter or upstream gradient (checks on: NonFiniteError naming the array, nothing changed; checks
-off: NaN and Inf reach the same elements as in the reference, and the reference's reach those of torch; two known
-gaps are strict xfails at the end).
+off: NaN and Inf reach the same elements as in the reference, and the reference's reach those of torch, padded
+steps and relu's off units included).
 
 Deterministic (derandomize, no example database) and bounded: the numba simulator runs one Python thread per CUDA
 thread, so it gets fewer and smaller examples than the CPU backends.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpurnn
@@ -398,23 +398,12 @@ def assert_same_nonfinite(got, want, tol, what=""):
         np.testing.assert_allclose(got[name][finite], w[finite], rtol=0, atol=tol * scale, err_msg=f"{what}{name}")
 
 
-def at_padded_step(case, problem, target, index):
-    """True when the target is x at a padded step, or weight_ih_l0 (whose dx at padded steps is 0 * NaN)."""
-    if case.lengths is None or target[0] not in ("x", "param"):
-        return False
-    if target[0] == "param":
-        return target[1].startswith("weight_ih_l0")
-    t, b = np.unravel_index(index % problem["x"].size, problem["x"].shape)[:2]
-    t, b = (b, t) if case.batch_first else (t, b)
-    return t >= case.lengths[b]
-
-
-@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
+@pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
 def test_unchecked_nonfinite_reaches_what_it_reaches_in_torch(kind):
     """Checks off, the reference in float64: NaN or +-Inf in x, a state, a parameter, dy or dstate makes the same
     elements of every output and gradient non-finite as in torch.nn, and the finite rest matches. (NaN and Inf may
     trade places: torch's GRU forms dn = dh - z dh, the reference dh (1 - z); Inf - Inf is NaN, Inf * (1 - z) is
-    Inf. Padded steps and relu: see the two tests below.)"""
+    Inf. Padded steps and relu's off units: see also the two tests below.)"""
     pytest.importorskip("torch")
 
     @examples("numpy", 0.5)
@@ -425,7 +414,6 @@ def test_unchecked_nonfinite_reaches_what_it_reaches_in_torch(kind):
         layer.check_finite = False
         problem = case.problem("float64")
         target = data.draw(st.sampled_from(targets(case, layer)))
-        assume(not at_padded_step(case, problem, target, index))
         inject(problem, [layer], target, index, value)
         got = layer_outputs(layer, *case.args(problem))
         assert_same_nonfinite(got, torch_oracle.run(layer, *case.args(problem)), tolerance(case, "float64"),
@@ -443,8 +431,6 @@ def reference_and_torch(case, poke):
     return layer_outputs(layer, *case.args(problem)), torch_oracle.run(layer, *case.args(problem))
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the layer's GEMMs multiply padded steps' zero dgx by x, and "
-                   "padded steps' zero dgx by W_ih (0 * NaN = NaN); torch never reads padded steps")
 @pytest.mark.parametrize("where", ["x", "weight_ih_l0"])
 def test_nonfinite_at_padded_steps_stays_there_like_torch(where):
     """NaN in x at a padded step leaves dW_ih finite; NaN in W_ih leaves dx 0 at padded steps (as in torch)."""
@@ -458,8 +444,6 @@ def test_nonfinite_at_padded_steps_stays_there_like_torch(where):
     assert_same_nonfinite(*reference_and_torch(case, poke), tolerance(case, "float64"))
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: relu's backward multiplies by relu' = 0 at units that are off "
-                   "(NaN * 0 = NaN); torch's threshold_backward selects 0 there")
 def test_relu_off_units_stop_a_nonfinite_gradient_like_torch():
     """NaN in dy of the top layer: units of the layer below that are off pass 0 back, in torch."""
     case = Case("rnn_relu", T=1, B=1, I=1, H=1, num_layers=2, bias=False)
