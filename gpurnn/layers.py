@@ -32,6 +32,7 @@ class LayerCtx:
     retain: bool = False    # backward may run on it more than once
     used: bool = False      # a backward has run on it
     math: str = "fp32"      # the GEMMs' precision (gpurnn.precision)
+    valid: object = None    # (T, B, 1) bool, step t of sequence b is inside its length; None when every length is T
 
 
 def private(a, caller, training):
@@ -67,6 +68,17 @@ def matmul(xp, workspace, a, b, math="fp32", out=None):
 def gemm_module(name):
     """The array module a backend's GEMMs go through: NumPy for numpy, else the GPU backend's own."""
     return np if name == "numpy" else kernels(name).array_module()
+
+
+def valid_steps(lengths, T, xp):
+    """(T, B, 1) bool: step t of sequence b is inside its length."""
+    return (xp.arange(T)[:, None] < lengths[None, :])[:, :, None]
+
+
+def only_valid_steps(a, valid):
+    """a (T, B, F) with 0 at padded steps, so a NaN or Inf there reaches no gradient (torch's packed sequences never
+    read padded steps); a itself when valid is None (every length is T)."""
+    return a if valid is None else array_module(a).where(valid, a, a.dtype.type(0))
 
 
 def reverse_index(lengths, T, xp):
@@ -186,6 +198,8 @@ class _Recurrent(Module):
             state0 = tuple(s.copy() for s in state0)
         lens, ragged = checks.lengths(lengths, B, T, self.device)
         checks.ensure_finite(self, self.params, lambda k: f"{k} contains NaN or Inf")
+        valid = valid_steps(lens, T, xp) if ragged else None
+        x = only_valid_steps(x, valid)          # the layer's input, and what dW_ih is formed from
         name = resolve(self.backend, self.device)
         math = precision.resolve(self.math, name, self.dtype)
         K = kernels(name)
@@ -194,7 +208,8 @@ class _Recurrent(Module):
         opts = {"workspace": ws} if name == "numpy" else {"sweep": self.sweep, "math": math}
         H, D, G = self.hidden_size, self.num_directions, GATES[self.cell]
         rev_index = reverse_index(lens, T, xp) if (ragged and D == 2) else None
-        ctx = LayerCtx(self, name, self.batch_first, (T, B), rev_index, [], retain=retain, math=math)
+        ctx = LayerCtx(self, name, self.batch_first, (T, B), rev_index, [], retain=retain, math=math,
+                       valid=valid)
         state_n = tuple(xp.empty_like(s) for s in state0)
         inp = x
         for layer in range(self.num_layers):
@@ -290,6 +305,7 @@ class _Recurrent(Module):
             dout = dinp.reshape(T, B, -1)
             if layer and ctx.masks:           # layer's input was out_{layer-1} * mask: d out = d input * mask
                 dout = dout * ctx.masks[layer - 1]
+        dout = only_valid_steps(dout, ctx.valid)      # 0 at padded steps, even where W_ih holds NaN or Inf
         checks.ensure_finite(self, {**new_grads, "x": dout, **{f"state[{part}]": g for part, g in zip("hc", dstate0)}},
                              not_finite("the gradient of {}"))
         for k, g in new_grads.items():
@@ -398,14 +414,16 @@ class JordanRNN(Module):
         y0 = xp.zeros(shape, self.dtype) if state is None else checks.array(state, "state", self.device,
                                                                                self.dtype, shape, finite=finite)
         y0 = y0.copy() if state is not None and training else y0
-        lens, _ = checks.lengths(lengths, B, T, self.device)
+        lens, ragged = checks.lengths(lengths, B, T, self.device)
         checks.ensure_finite(self, p, lambda k: f"{k} contains NaN or Inf")
+        valid = valid_steps(lens, T, xp) if ragged else None
+        x = only_valid_steps(x, valid)
         name = resolve(self.backend, self.device)
         xw = xp.matmul(x.reshape(T * B, I), p["weight_ih"].T).reshape(T, B, -1) + p["bias_h"]
         y, y_n, kctx = kernels(name).jordan_forward(xw, p["weight_yh"], p["weight_hy"], p["bias_y"], y0[0], lens,
                                                     self.nonlinearity, self.output_nonlinearity, training)
         checks.ensure_finite(self, {"y": y}, not_finite("the output of the Jordan layer"))
-        ctx = LayerCtx(self, name, False, (T, B), None, [x], [kctx], retain=retain) if training else None
+        ctx = LayerCtx(self, name, False, (T, B), None, [x], [kctx], retain=retain, valid=valid) if training else None
         return (y.copy() if training else y), y_n[None], ctx          # the sweep's y stays the ctx's own
 
     @checks.consumes_ctx
@@ -426,7 +444,7 @@ class JordanRNN(Module):
         new_grads = {"weight_ih": dph2d.T @ x.reshape(T * B, -1), "weight_yh": dph2d.T @ y_prev,
                      "bias_h": dph2d.sum(axis=0), "weight_hy": dpy2d.T @ kctx.h.reshape(T * B, H),
                      "bias_y": dpy2d.sum(axis=0)}
-        dx = (dph2d @ p["weight_ih"]).reshape(T, B, -1)
+        dx = only_valid_steps((dph2d @ p["weight_ih"]).reshape(T, B, -1), ctx.valid)
         checks.ensure_finite(self, {**new_grads, "x": dx, "state": dy0}, not_finite("the gradient of {}"))
         for k, g in new_grads.items():
             self.grads[k] += g

@@ -20,7 +20,7 @@ between parallel regions, BLAS's workers spin between GEMMs, and the two pools t
 
 Activations: tanh and sigmoid in float32 arithmetic that vectorises, within 1.4 ulp and monotone (see below); relu
 passes NaN on. Backward forms activation derivatives from the saved outputs, like the reference: exactly 0 where
-tanh is +-1 and sigmoid 0 or 1.
+tanh is +-1 and sigmoid 0 or 1; relu's backward is a select, as torch's.
 """
 import math
 import os
@@ -57,6 +57,9 @@ ONE, ZERO = np.float32(1), np.float32(0)
 # non-decreasing; exactly +-1 / 0 / 1 wherever the correctly rounded value is; NaN in, NaN out; +-Inf give the limits.
 # Compiled apart from the FAST kernels with IEEE semantics (reassociation would undo the rounding trick and the
 # exact residuals); LLVM inlines them into the step kernels' loops, which still vectorise.
+# The one definition of the algorithm and its constants: numba_cuda_kernels compiles these same functions for CUDA
+# (`compile_activations`, each product a correctly rounded multiply that the GPU compiler cannot fuse), and
+# common.cuh holds the same operations in CUDA C, its constants written from ACTIVATION_CONSTANTS by cupy_raw.
 exact = njit(fastmath=False, error_model="numpy", cache=True, nogil=True)   # set: not inherited from a caller
 F32 = np.float32
 INV_LN2_LOW = F32(1.44269504088896341 * (1 - 2.0 ** -16))   # 1 / ln2, a little low: n never exceeds floor(a / ln2)
@@ -72,6 +75,8 @@ Q5, Q4, Q3, Q2, Q1, Q0 = (F32(v) for v in (0.0019513999374820303, 0.007787333213
 # (tanh x - x) / x^3 as a polynomial in x^2 on |x| <= TANH_SMALL, same fit (tanh within 1.26 ulp)
 T3, T2, T1, T0 = (F32(v) for v in (0.01641081536003305, -0.0526556027791566, 0.13320422641228552,
                                    -0.3333292992485407))
+ACTIVATION_CONSTANTS = ("INV_LN2_LOW", "LN2_HI", "LN2_LO", "ROUNDER", "A_MAX", "TANH_A_MAX", "UNSCALE", "TANH_SMALL",
+                        "Q5", "Q4", "Q3", "Q2", "Q1", "Q0", "T3", "T2", "T1", "T0")
 
 THREADS = None     # threads of the step kernels; None: see step_threads()
 _workqueue_lock = threading.Lock()   # Numba's workqueue layer aborts on parallel launches from two threads at once
@@ -101,6 +106,12 @@ def fma(typingctx, a, b, c):
     return numba.types.float32(numba.types.float32, numba.types.float32, numba.types.float32), codegen
 
 
+@njit(fastmath=False, error_model="numpy", cache=True, inline="always")
+def mul(a, b):
+    """a * b: a plain product here; the CUDA build of the activations takes a multiply no compiler fuses into an fma."""
+    return a * b
+
+
 @exact
 def exp_parts(a, bias):
     """(p, c, r, q) with 2^bias / (1 + e^a) = p / (c + r q): p = 2^(bias-n), c = 1 + 2^-n (1 for n >= 24).
@@ -128,10 +139,10 @@ def sigmoid(x):
     a = A_MAX if a > A_MAX else a                          # NaN-preserving: NaN > c is False
     p, c, r, q = exp_parts(a, 64)
     den = fma(r, q, c)
-    den_lo = fma(r, q, (ONE - den) + p * UNSCALE)          # (1 + 2^-n + r q) - den; 1 - den is exact
+    den_lo = fma(r, q, (ONE - den) + mul(p, UNSCALE))      # (1 + 2^-n + r q) - den; 1 - den is exact
     y = p / den
     res = fma(-y, den_lo, fma(-y, den, p))                 # p - y (den + den_lo); the inner fma is exact
-    y = fma(res, fma(F32(-0.5), den, F32(1.5)), y) * UNSCALE   # y + res / den, 1.5 - den/2 ~ 1 / den
+    y = mul(fma(res, fma(F32(-0.5), den, F32(1.5)), y), UNSCALE)   # y + res / den, 1.5 - den/2 ~ 1 / den
     return y if x < ZERO else ONE - y
 
 
@@ -139,13 +150,23 @@ def sigmoid(x):
 def tanh(x):
     """tanh of a float32: x + x^3 P(x^2) for |x| < TANH_SMALL, else 1 - 2 / (1 + e^2|x|); with the sign of x."""
     ax = abs(x)
-    x2 = ax * ax
-    small = fma(ax * x2, fma(fma(fma(T3, x2, T2), x2, T1), x2, T0), ax)
-    a = F32(2) * ax
+    x2 = mul(ax, ax)
+    small = fma(mul(ax, x2), fma(fma(fma(T3, x2, T2), x2, T1), x2, T0), ax)
+    a = mul(F32(2), ax)
     a = TANH_A_MAX if a > TANH_A_MAX else a
     p, c, r, q = exp_parts(a, 1)
     large = ONE - p / fma(r, q, c)
     return math.copysign(small if ax < TANH_SMALL else large, x)
+
+
+def compile_activations(jit, **ops):
+    """SimpleNamespace(sigmoid, tanh): the float32 functions above compiled by `jit` from this same source, with
+    `ops` (some of fma, mul, float32_bits, bits_float32) in place of the CPU's, e.g. Numba CUDA's."""
+    scope = dict(globals(), **ops)
+    for name in ("exp_parts", "sigmoid", "tanh"):
+        fn = globals()[name].py_func
+        scope[name] = jit(types.FunctionType(fn.__code__, scope, name, fn.__defaults__, fn.__closure__))
+    return types.SimpleNamespace(sigmoid=scope["sigmoid"], tanh=scope["tanh"])
 
 
 @inline
@@ -166,16 +187,17 @@ def act(code, x):
 
 
 @inline
-def act_grad(code, y):
-    """d act / d pre-activation from the output y (tanh' = 1 - y^2, sigmoid' = y (1 - y), relu' = [y > 0];
-    relu' is 1 at NaN, as torch's threshold backward passes the gradient where y <= 0 is False)."""
+def act_backward(code, dy, y):
+    """dL/d pre-activation from dL/dy and the output y: dy act', act' written from y (tanh' = 1 - y^2, sigmoid' =
+    y (1 - y)). relu selects as torch's threshold backward does: 0 where y <= 0 (a NaN dy stops there), else dy
+    (NaN y included)."""
     if code == 0:
-        return ONE - y * y
+        return dy * (ONE - y * y)
     if code == 1:
-        return ZERO if y <= ZERO else ONE
+        return ZERO if y <= ZERO else dy
     if code == 2:
-        return y * (ONE - y)
-    return ONE
+        return dy * (y * (ONE - y))
+    return dy
 
 
 def both(fn):
@@ -250,10 +272,11 @@ def tanh_row(a):
 
 
 @inline
-def dh_row(dh, dh_in, b, dy):
-    """dh (H,) += dh_in[:, b] + dy (H,): what reaches h_t, the GEMM's feature-major dh_in (H, B) read strided."""
+def dh_row(dh, dh_in, b, dy, carried):
+    """dh (H,) += dh_in[:, b] + dy (H,): what reaches h_t, the GEMM's feature-major dh_in (H, B) read strided;
+    dh_in only when `carried` (step t+1 of row b was valid: a padded step's 0 * W_hh is NaN if W_hh holds NaN)."""
     for j in range(dh.shape[0]):
-        dh[j] += dh_in[j, b] + dy[j]
+        dh[j] += (dh_in[j, b] if carried else ZERO) + dy[j]
 
 
 # ---- one step forward: g (B, G*H) is xw[t] in and the activated gates out; gh (G*H, B) = W_hh h_prev^T, the
@@ -333,9 +356,9 @@ def elman_backward_step(code, y, dy, lengths, t, dh_in, dh_acc, dg):
         dgb = dg[b]
         if t < lengths[b]:
             dh, yb = dh_acc[b], y[b]
-            dh_row(dh, dh_in, b, dy[b])
+            dh_row(dh, dh_in, b, dy[b], t + 1 < lengths[b])
             for j in range(H):
-                dgb[j] = dh[j] * act_grad(code, yb[j])      # h = act(p): dp = dh act'(p)
+                dgb[j] = act_backward(code, dh[j], yb[j])   # h = act(p): dp = dh act'(p)
             dh[:] = ZERO
         else:
             dgb[:] = ZERO
@@ -352,7 +375,7 @@ def lstm_backward_step(g, c, c_prev, dy, lengths, t, dh_in, dh_acc, dc_acc, dg):
             i, f, gg, o = gb[:H], gb[H:2 * H], gb[2 * H:3 * H], gb[3 * H:]
             di, df, dgg, do = db[:H], db[H:2 * H], db[2 * H:3 * H], db[3 * H:]
             cb, cpb = c[b], c_prev[b]
-            dh_row(dh, dh_in, b, dy[b])
+            dh_row(dh, dh_in, b, dy[b], t + 1 < lengths[b])
             for j in range(H):
                 tc = tanh(cb[j])
                 dc[j] += dh[j] * o[j] * (ONE - tc * tc)     # h = o tanh(c): dc += dh o (1 - tanh^2 c)
@@ -382,7 +405,7 @@ def gru_backward_step(g, hn, h_prev, dy, lengths, t, dh_in, dh_acc, dgx, dgh):
             r, z, n = gb[:H], gb[H:2 * H], gb[2 * H:]
             dr, dz, dn = dxb[:H], dxb[H:2 * H], dxb[2 * H:]
             hnb, hpb = hn[b], h_prev[b]
-            dh_row(dh, dh_in, b, dy[b])
+            dh_row(dh, dh_in, b, dy[b], t + 1 < lengths[b])
             # h = (1 - z) n + z h_prev: dn = dh (1 - z), dz = dh (h_prev - n), dh_prev = dh z + GEMM
             for j in range(H):
                 dn[j] = dh[j] * (ONE - z[j]) * (ONE - n[j] * n[j])

@@ -28,7 +28,8 @@ import numpy as np
 
 ENV = "GPURNN_CUDA_HOST"
 INCLUDE = Path(__file__).parent / "host_include"
-FLAGS = ("-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-fno-extern-tls-init", "-pthread")
+# -ffp-contract=off: a * b + c stays two roundings, as __fmul_rn/__fadd_rn and the IEEE operations keep them on the GPU
+FLAGS = ("-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-fvisibility=hidden", "-fno-extern-tls-init", "-pthread")
 RUNTIME = INCLUDE / "cuda_host_runtime.cpp"   # the scheduler: compiled once, linked into every module
 MAX_BLOCK = (1024, 1024, 64)                  # threads per block along x, y, z; 1024 in all
 MAX_GRID = (2 ** 31 - 1, 65535, 65535)

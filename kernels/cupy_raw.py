@@ -27,12 +27,20 @@ ACTIVATION_TYPES = {"tanh": "Tanh", "relu": "Relu", "sigmoid": "Sigmoid", "ident
 SWEEPS = ("auto", "step")
 
 
+def header():
+    """common.cuh after the #defines of its float32 activations' constants, written from cpu_fused (their one
+    definition) as exact hexadecimal float literals."""
+    from . import cpu_fused
+    defines = [f"#define GPURNN_{name} ({float(getattr(cpu_fused, name)).hex()}f)"
+               for name in cpu_fused.ACTIVATION_CONSTANTS]
+    return "\n".join(defines + [(Path(__file__).parent / HEADER).read_text()])
+
+
 def source():
-    """The module's CUDA C, one translation unit: common.cuh, then the .cu files without their include of it."""
+    """The module's CUDA C, one translation unit: header(), then the .cu files without their include of common.cuh."""
     here = Path(__file__).parent
     include = f'#include "{HEADER}"'
-    return "\n".join([(here / HEADER).read_text()] + [(here / name).read_text().replace(include, "")
-                                                       for name in SOURCES])
+    return "\n".join([header()] + [(here / name).read_text().replace(include, "") for name in SOURCES])
 
 
 def kernel_name(stem, dtype, act=None):

@@ -47,5 +47,5 @@ __global__ void jordan_hidden_backward(T* dph_t, const T* h_t, int B, int H) {
     if (!e.inside) return;
     const int i = e.b * H + e.j;
     // h = act(ph):  dph = dh act'(ph), with act' written from the output h
-    dph_t[i] *= Act::grad(h_t[i]);
+    dph_t[i] = Act::backward(dph_t[i], h_t[i]);
 }

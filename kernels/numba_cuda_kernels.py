@@ -13,16 +13,45 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
+from . import cpu_fused
+
 ELMAN, LSTM, GRU = 0, 1, 2
 TANH, RELU, SIGMOID, IDENTITY = 0, 1, 2, 3
 CELL_CODES = {"rnn_tanh": ELMAN, "rnn_relu": ELMAN, "rnn_sigmoid": ELMAN, "lstm": LSTM, "gru": GRU}
 ACT_CODES = {"tanh": TANH, "relu": RELU, "sigmoid": SIGMOID, "identity": IDENTITY}
 
 
+def simulated_fma(a, b, c):
+    """The simulator's a * b + c: the float32 product is exact in float64, the sum rounded twice (semantics only);
+    beyond float32's range it is +-Inf, as on the GPU, without a warning."""
+    with np.errstate(over="ignore"):
+        return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+@functools.lru_cache(maxsize=None)
+def float32_activations():
+    """SimpleNamespace(sigmoid, tanh): cpu_fused's float32 functions compiled as device functions, the same
+    operations: each fma a `fma.rn.f32`, each product `libdevice.fmul_rn` (`mul.rn.f32`, which NVVM's and ptxas's
+    contraction, on by default, leave alone), `/` IEEE division (no fast math), bit casts through libdevice. So the
+    results equal the CPU's bit for bit, with its bounds: tanh within 1.35 ulp, sigmoid within 1.32 ulp of the exact
+    value over every float32, monotone, exactly +-1 / 0 / 1 wherever the correctly rounded value is.
+    tests/test_activations.py reads the PTX. The simulator evaluates them with NumPy scalars (fma rounded twice),
+    close to but not exactly the GPU's."""
+    if cuda.config.ENABLE_CUDASIM:
+        ops = dict(fma=simulated_fma, mul=lambda a, b: a * b,
+                   float32_bits=lambda x: np.float32(x).view(np.int32),
+                   bits_float32=lambda i: np.uint32(int(i) & 0xFFFFFFFF).view(np.float32))
+    else:
+        from numba.cuda import libdevice
+        ops = dict(fma=cuda.jit(device=True)(lambda a, b, c: cuda.fma(a, b, c)), mul=libdevice.fmul_rn,
+                   float32_bits=libdevice.float_as_int, bits_float32=libdevice.int_as_float)
+    return cpu_fused.compile_activations(cuda.jit(device=True), **ops)
+
+
 @functools.lru_cache(maxsize=None)
 def build(dtype):
     """SimpleNamespace of kernels for float dtype `dtype` (np.float32 or np.float64), and the activation device
-    functions `activate` / `activate_grad` (for tests to launch)."""
+    functions `activate` / `activate_backward` (for tests to launch)."""
     F = np.dtype(dtype).type
 
     @cuda.jit(device=True)
@@ -32,22 +61,31 @@ def build(dtype):
         b = idx // cols
         return b, idx - b * cols
 
-    # Activations, error bounds from the CUDA math API (libdevice: tanhf 2 ulp, tanh 1 ulp, expf 2 ulp, exp 1 ulp;
-    # +, / correctly rounded: Numba compiles without fast math, so no approximate intrinsics and no flush to zero).
-    # tanh: float32 <= 2 ulp, float64 <= 1 ulp. sigmoid: float32 <= 2.5 ulp for x >= 0, <= 5.5 ulp for x < 0;
-    # float64 <= 2 and <= 3.5 ulp: an exp error of k ulp moves 1 / (1 + e) by <= k/2 ulp and e / (1 + e) by <= 2k
-    # ulp, plus 1 ulp for rounding 1 + e and 1/2 for the division. relu is exact, and NaN-propagating like all three.
+    # Activations. float32: cpu_fused's (float32_activations), bounds there. float64: the CUDA math API's tanh
+    # (1 ulp) and the sigmoid below, <= 2 ulp for x >= 0, <= 3.5 ulp for x < 0 (exp 1 ulp; + and / correctly
+    # rounded: Numba compiles without fast math, so no approximate intrinsics and no flush to zero): an exp error of
+    # k ulp moves 1 / (1 + e) by <= k/2 ulp and e / (1 + e) by <= 2k ulp, plus 1 ulp for rounding 1 + e and 1/2 for
+    # the division. relu is exact, and NaN-propagating like both.
     @cuda.jit(device=True)
-    def sigmoid(x):
+    def sigmoid64(x):
         """1 / (1 + e^-x), relatively accurate also for tiny results: e = e^-|x| in [0, 1] never overflows;
         1 / (1 + e) for x >= 0, e / (1 + e) for x < 0."""
         e = math.exp(x if x < F(0) else -x)
         return (e if x < F(0) else F(1)) / (F(1) + e)
 
     @cuda.jit(device=True)
+    def tanh64(x):
+        return math.tanh(x)
+
+    if F is np.float32:
+        sigmoid, tanh = float32_activations().sigmoid, float32_activations().tanh
+    else:
+        sigmoid, tanh = sigmoid64, tanh64
+
+    @cuda.jit(device=True)
     def activate(act, x):
         if act == TANH:
-            return math.tanh(x)
+            return tanh(x)
         if act == RELU:
             return F(0) if x <= F(0) else x            # not max(x, 0): fmax would turn NaN into 0
         if act == SIGMOID:
@@ -55,16 +93,16 @@ def build(dtype):
         return x
 
     @cuda.jit(device=True)
-    def activate_grad(act, y):
-        """d act / d pre-activation from the output y: tanh' = 1 - y^2, sigmoid' = y (1 - y), relu' = [y > 0]
-        (1 at NaN, as torch's threshold backward passes the gradient where y <= 0 is False)."""
+    def activate_backward(act, dy, y):
+        """dL/d pre-activation from dL/dy and the output y: dy act', act' written from y (tanh' = 1 - y^2, sigmoid' =
+        y (1 - y)). relu selects, as torch's threshold backward: 0 where y <= 0 (a NaN dy stops there), else dy."""
         if act == TANH:
-            return F(1) - y * y
+            return dy * (F(1) - y * y)
         if act == SIGMOID:
-            return y * (F(1) - y)
+            return dy * (y * (F(1) - y))
         if act == RELU:
-            return F(0) if y <= F(0) else F(1)
-        return F(1)
+            return F(0) if y <= F(0) else dy
+        return dy
 
     @cuda.jit(device=True)
     def inputs(xw, b_ih, t, b, j, G):
@@ -91,10 +129,10 @@ def build(dtype):
         if cell == LSTM:
             i = sigmoid(x0 + r0 + b_hh[j])
             f = sigmoid(x1 + r1 + b_hh[H + j])
-            g = math.tanh(x2 + r2 + b_hh[2 * H + j])
+            g = tanh(x2 + r2 + b_hh[2 * H + j])
             o = sigmoid(x3 + r3 + b_hh[3 * H + j])
             c_new = f * c[b, j] + i * g
-            h_new = o * math.tanh(c_new)
+            h_new = o * tanh(c_new)
             gates[t, b, j] = i
             gates[t, b, H + j] = f
             gates[t, b, 2 * H + j] = g
@@ -106,7 +144,7 @@ def build(dtype):
             hn = r2 + b_hh[2 * H + j]
             r = sigmoid(x0 + r0 + b_hh[j])
             z = sigmoid(x1 + r1 + b_hh[H + j])
-            n = math.tanh(x2 + r * hn)
+            n = tanh(x2 + r * hn)
             h_new = (F(1) - z) * n + z * h_prev
             gates[t, b, j] = r
             gates[t, b, H + j] = z
@@ -141,7 +179,7 @@ def build(dtype):
             g = gates[t, b, 2 * H + j]
             o = gates[t, b, 3 * H + j]
             c_prev = cs[t - 1, b, j] if t > 0 else c0[b, j]
-            tc = math.tanh(cs[t, b, j])
+            tc = tanh(cs[t, b, j])
             # h = o tanh(c):  d(o_pre) = dh tanh(c) o (1 - o);  dc += dh o (1 - tanh^2 c)
             dct = dc[b, j] + dh * o * (F(1) - tc * tc)
             # c = f c_prev + i g:  di = dc g,  df = dc c_prev,  dg = dc i,  dc_prev = dc f
@@ -169,7 +207,7 @@ def build(dtype):
             dgh[t, b, 2 * H + j] = dn * r
             return dh * z
         # h = act(p):  dp = dh act'(p), written from h = y[t]
-        dgx[t, b, j] = dh * activate_grad(act, y[t, b, j])
+        dgx[t, b, j] = activate_backward(act, dh, y[t, b, j])
         return F(0)
 
     @cuda.jit
@@ -232,7 +270,7 @@ def build(dtype):
             s = carry[b, o] + dsum[b, o]
             if t < lengths[b]:
                 # y = out_act(py):  dpy = (ds + dy) out_act'(py), written from y
-                dpy[t, b, o] = (s + dy[t, b, o]) * activate_grad(act, y[t, b, o])
+                dpy[t, b, o] = activate_backward(act, s + dy[t, b, o], y[t, b, o])
                 carry[b, o] = F(0)
             else:
                 dpy[t, b, o] = F(0)
@@ -245,9 +283,9 @@ def build(dtype):
         B, H = dhh.shape
         b, j = element(H)
         if b < B:
-            dph[t, b, j] = dhh[b, j] * activate_grad(act, h[t, b, j])
+            dph[t, b, j] = activate_backward(act, dhh[b, j], h[t, b, j])
 
-    return SimpleNamespace(activate=activate, activate_grad=activate_grad,
+    return SimpleNamespace(activate=activate, activate_backward=activate_backward,
                            inputs=inputs, unit_forward=unit_forward, unit_backward=unit_backward,
                            step_forward=step_forward, step_backward=step_backward,
                            jordan_hidden=jordan_hidden, jordan_output=jordan_output,

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda, float32, float64, int32, int64
 
-from .numba_cuda_kernels import CELL_CODES, build
+from .numba_cuda_kernels import CELL_CODES, build, float32_activations
 from .numba_persistent import build as build_persistent, build_jordan
 
 PERSISTENT_CELLS = {"elman": CELL_CODES["rnn_tanh"], "lstm": CELL_CODES["lstm"], "gru": CELL_CODES["gru"]}
@@ -57,6 +57,22 @@ def kernels(dtype):
         found[f"persistent_forward_{cell}"] = (persistent.forward, sigs["persistent_forward"])
         found[f"persistent_backward_{cell}"] = (persistent.backward, sigs["persistent_backward"])
     return found
+
+
+def activation_ptx(cc):
+    """{"sigmoid" | "tanh": PTX} of the float32 activations (numba_cuda_kernels.float32_activations), each behind a
+    kernel that applies it to one element of an array."""
+    if not cuda.is_available():
+        without_device(cc)
+    sigmoid, tanh = float32_activations().sigmoid, float32_activations().tanh
+
+    def apply_sigmoid(x, y):
+        y[0] = sigmoid(x[0])
+
+    def apply_tanh(x, y):
+        y[0] = tanh(x[0])
+    return {name: cuda.compile_ptx(fn, (float32[::1], float32[::1]), cc=cc)[0]
+            for name, fn in (("sigmoid", apply_sigmoid), ("tanh", apply_tanh))}
 
 
 def compile_all(ccs):

@@ -424,7 +424,7 @@ def build_jordan(dtype):
     [partials: threads, when splits > 1]; act, out_act: activation codes of h and y."""
     F = np.dtype(dtype).type
     cells = build_cells(dtype)
-    activate, activate_grad = cells.activate, cells.activate_grad
+    activate, activate_backward = cells.activate, cells.activate_backward
     ops = block_ops(dtype)
     place, share, begin_pass, item_at = ops.thread_place, ops.share, ops.begin_pass, ops.item_at
     load_rows, load_columns = ops.load_rows, ops.load_columns
@@ -543,7 +543,7 @@ def build_jordan(dtype):
                         s = carry[b, o] + sums[0]
                         if t >= 0 and t < lengths[b]:
                             # y = out_act(py):  dpy = (ds + dy) out_act'(py), written from y
-                            dpy[t, b, o] = (s + dy[t, b, o]) * activate_grad(out_act, y[t, b, o])
+                            dpy[t, b, o] = activate_backward(out_act, s + dy[t, b, o], y[t, b, o])
                             carry[b, o] = F(0)
                         else:
                             carry[b, o] = s
@@ -562,7 +562,7 @@ def build_jordan(dtype):
                             red, acc, sums)
                     if active and split == 0 and lane % 2 == 0 and j < j0 + nj and b < B:
                         # h = act(ph), ph = xw + y_prev W_yh^T:  dph = dhh act'(ph), written from h
-                        dph[t, b, j] = sums[0] * activate_grad(act, h[t, b, j])
+                        dph[t, b, j] = activate_backward(act, sums[0], h[t, b, j])
                     if S > 1:
                         cuda.syncthreads()
             grid.sync()

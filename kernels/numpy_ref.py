@@ -1,7 +1,7 @@
 """The NumPy sweeps: the CPU fallback and the readable reference every other backend is tested against.
 
 Interface and shapes: see ``kernels/__init__.py``. Activation derivatives are written in terms of the
-activation's output (tanh' = 1 - y^2, sigmoid' = y (1 - y), relu' = [y > 0]), so backward needs only what
+activation's output (tanh' = 1 - y^2, sigmoid' = y (1 - y); relu's backward selects), so backward needs only what
 forward saved.
 """
 from dataclasses import dataclass
@@ -37,16 +37,17 @@ def identity(x):
 ACT = {"tanh": tanh, "relu": relu, "sigmoid": sigmoid, "identity": identity}
 
 
-def act_grad(name, y):
-    """d act / d pre-activation, from the activation's output y; exactly 0 where tanh is +-1 and sigmoid 0 or 1.
-    relu' is 1 at NaN, as in torch (whose threshold backward passes the gradient where y <= 0 is False)."""
+def act_backward(name, dy, y):
+    """dL/d pre-activation from dL/dy and the activation's output y: dy act', act' written from y (exactly 0 where
+    tanh is +-1 and sigmoid 0 or 1). relu selects, as torch's threshold backward does: 0 where y <= 0, whatever dy
+    is (NaN or Inf there stops), dy elsewhere (NaN y included)."""
     if name == "tanh":
-        return 1 - y * y
+        return dy * (1 - y * y)
     if name == "sigmoid":
-        return y * (1 - y)
+        return dy * (y * (1 - y))
     if name == "relu":
-        return (~(y <= 0)).astype(y.dtype)
-    return np.ones_like(y)
+        return np.where(y <= 0, y.dtype.type(0), dy)
+    return dy
 
 
 def valid_mask(lengths, T):
@@ -146,7 +147,7 @@ def backward(ctx, dy, dstate_n):
             dh_prev = dh_t * z + dgh[t] @ w_hh
         else:
             # h = act(p):  dp = dh act'(p), written from h
-            dgx[t] = np.where(m, dh_t * act_grad(cell[4:], ctx.gates[t]), 0)
+            dgx[t] = np.where(m, act_backward(cell[4:], dh_t, ctx.gates[t]), 0)
             dh_prev = dgx[t] @ w_hh
         dh = np.where(m, dh_prev, dh)
     dstate0 = (dh, dc) if cell == "lstm" else (dh,)
@@ -181,7 +182,7 @@ def jordan_backward(ctx, dy, dy_n):
         m = valid[t]
         # y_t feeds the loss (dy) and the next step (dstate)
         dy_t = dstate + np.where(m, dy[t], 0)
-        dpy[t] = np.where(m, dy_t * act_grad(ctx.out_act, ctx.y[t]), 0)        # y = out_act(py)
-        dph[t] = (dpy[t] @ ctx.w_hy) * act_grad(ctx.act, ctx.h[t])             # py = h W_hy^T + b_y
+        dpy[t] = np.where(m, act_backward(ctx.out_act, dy_t, ctx.y[t]), 0)     # y = out_act(py)
+        dph[t] = act_backward(ctx.act, dpy[t] @ ctx.w_hy, ctx.h[t])            # py = h W_hy^T + b_y
         dstate = np.where(m, dph[t] @ ctx.w_yh, dstate)                          # ph = xw + y_prev W_yh^T
     return dph, dpy, dstate

@@ -43,7 +43,7 @@ __global__ void rnn_backward_step(const T* dy_t, const T* y_t, const T* dhh, T* 
     if (valid_step(lengths, e.b, t)) {
         const T dh_t = carry + dy_t[i];
         // h = act(p):  dp = dh act'(p), with act' written from the output h
-        dg_t[i] = dh_t * Act::grad(y_t[i]);
+        dg_t[i] = Act::backward(dh_t, y_t[i]);
         // dh_{t-1} = dg_t @ W_hh, all of it through the next GEMM
         dh[i] = T(0);
     } else {

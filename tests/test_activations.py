@@ -1,19 +1,32 @@
 """float32 activations against float64 oracles: ulp error, monotonicity, exact saturation, NaN/Inf semantics.
 
 Implementations: the fused CPU kernels' scalar functions (kernels/cpu_fused.py), the NumPy reference
-(kernels/numpy_ref.py) and the Numba CUDA device functions (run in the simulator, which evaluates them in Python
-floats, so only their semantics are checked there, not their ulp error). The inputs: every float32 in
+(kernels/numpy_ref.py), the CUDA C activations of kernels/common.cuh compiled for the CPU by the host harness
+(kernels/cuda_host.py; float32: the CPU kernels' operations in CUDA C, IEEE operations only, so the host build is
+bit-identical to the GPU's and both must equal cpu_fused bit for bit; float64: the host's libm in place of CUDA's)
+and the Numba CUDA device functions (float32: cpu_fused's own source compiled for CUDA; their PTX is read here for
+approximate or fused operations; the simulator evaluates them with NumPy scalars, so only their semantics are
+checked there, not their ulp error). The inputs: every float32 in
 [-LIMIT, LIMIT] at a fixed stride of bit patterns, plus every float32 near each point where an implementation
 switches formula or the result saturates, and near 0. GPURNN_EXHAUSTIVE=1 also runs the checks over all 2^32
 float32 values (minutes).
 """
+import ast
+import functools
+import inspect
+import json
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections import Counter
 
 import numpy as np
 import pytest
 from numba import cuda, njit
 
-from gpurnn.kernels import cpu_fused, numpy_ref
+from gpurnn.kernels import cpu_fused, cuda_host, cupy_raw, numpy_ref
 
 EXHAUSTIVE = os.environ.get("GPURNN_EXHAUSTIVE") == "1"
 ULP_BOUND = 1.5     # cpu_fused float32 tanh, sigmoid: 1.35, 1.32 measured over every float32 (2 promised)
@@ -35,16 +48,16 @@ ORACLE = {"tanh": tanh64, "sigmoid": sigmoid64}
 CODE = {"tanh": 0, "relu": 1, "sigmoid": 2}
 
 
-@njit(fastmath=cpu_fused.FAST)        # the step kernels' flags: act and act_grad are inlined under them
+@njit(fastmath=cpu_fused.FAST)        # the step kernels' flags: act and act_backward are inlined under them
 def fused_act(code, x, out):
     for i in range(x.size):
         out[i] = cpu_fused.act(code, x[i])
 
 
 @njit(fastmath=cpu_fused.FAST)
-def fused_act_grad(code, y, out):
+def fused_act_backward(code, dy, y, out):
     for i in range(y.size):
-        out[i] = cpu_fused.act_grad(code, y[i])
+        out[i] = cpu_fused.act_backward(code, dy[i], y[i])
 
 
 def run_fused(name, x):
@@ -57,7 +70,62 @@ def run_reference(name, x):
     return numpy_ref.ACT[name](x)
 
 
-IMPLEMENTATIONS = {"cpu_fused": run_fused, "numpy_ref": run_reference}
+CUDA_C = """
+template <typename Act, typename T>
+__global__ void apply(const T* x, T* y, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)    // grid-stride
+        y[i] = Act::fwd(x[i]);
+}
+
+template <typename Act, typename T>
+__global__ void backward(const T* dy, const T* y, T* dp, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        dp[i] = Act::backward(dy[i], y[i]);
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_c_module():
+    """common.cuh's activations (after their constants, as cupy_raw assembles them) behind one kernel per
+    activation, direction and type, built by the CUDA host harness."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("the CUDA host harness needs a C++17 compiler (g++ or $CXX)")
+    names = [f"{kernel}<{act}, {t}>" for kernel in ("apply", "backward") for act in cupy_raw.ACTIVATION_TYPES.values()
+             for t in ("float", "double")]
+    return cuda_host.RawModule(code=cupy_raw.header() + CUDA_C, options=cupy_raw.OPTIONS, name_expressions=names)
+
+
+def cuda_c_kernel(kernel, name, dtype):
+    return cuda_c_module().get_function(f"{kernel}<{cupy_raw.ACTIVATION_TYPES[name]}, {cupy_raw.FLOAT_TYPES[dtype]}>")
+
+
+def run_cuda_c(name, x):
+    """The CUDA C activation of every element of x."""
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    cuda_c_kernel("apply", name, x.dtype)((16,), (64,), (x, y, np.int32(x.size)))
+    return y
+
+
+def backward_cuda_c(name, dy, y):
+    dy, y = np.ascontiguousarray(dy), np.ascontiguousarray(y)
+    dp = np.empty_like(y)
+    cuda_c_kernel("backward", name, y.dtype)((16,), (64,), (dy, y, dp, np.int32(y.size)))
+    return dp
+
+
+def backward_fused(name, dy, y):
+    dp = np.empty_like(y)
+    fused_act_backward(CODE[name], dy, y, dp)
+    return dp
+
+
+IMPLEMENTATIONS = {"cpu_fused": run_fused, "numpy_ref": run_reference, "cuda_c_host": run_cuda_c}
+BACKWARD = {"cpu_fused": backward_fused, "numpy_ref": numpy_ref.act_backward, "cuda_c_host": backward_cuda_c}
+EXACT = list(IMPLEMENTATIONS)           # float32: within 2 ulp and monotone
+# numpy_ref rounds a float64 result; CUDA C's float32 is cpu_fused's bit for bit (test_cuda_c_float32_is_cpu_fused)
+BOUND = {"numpy_ref": 0.5 + 2.0 ** -20, "cpu_fused": ULP_BOUND, "cuda_c_host": ULP_BOUND}
 
 
 def ulps(got, exact):
@@ -125,7 +193,7 @@ def case(request):
 def check_ulp_and_monotone(impl, name, x, got, exact, before=None):
     """x sorted, no NaN; `before`: the output just below x[0], if any. Returns the largest error in ulp."""
     err = ulps(got, exact)
-    bound = 0.5 + 2.0 ** -20 if impl == "numpy_ref" else ULP_BOUND   # numpy_ref rounds a float64 result
+    bound = BOUND[impl]
     worst = int(np.argmax(err))
     assert err[worst] <= bound, f"{impl} {name}({x[worst]!r}) = {got[worst]!r}: {err[worst]:.3f} ulp"
     drops = np.flatnonzero(np.diff(got if before is None else np.concatenate([[before], got])) < 0)
@@ -139,16 +207,12 @@ def check_saturation(impl, name, x, got, exact):
     rounded = exact.astype(np.float32)
     at = np.isin(rounded, [-1.0, 1.0] if name == "tanh" else [0.0, 1.0]) & (x != 0)
     np.testing.assert_array_equal(got[at], rounded[at], err_msg=f"{impl} {name} where it rounds to a limit")
-    if impl == "cpu_fused":
-        grad = np.empty_like(got)
-        fused_act_grad(CODE[name], got, grad)
-    else:
-        grad = numpy_ref.act_grad(name, got)
+    grad = BACKWARD[impl](name, np.ones_like(got), got)
     assert not grad[at].any()
     return at
 
 
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", EXACT)
 def test_ulp_error_and_monotone(case, impl):
     name, x, exact = case
     got = IMPLEMENTATIONS[impl](name, x)
@@ -163,6 +227,21 @@ def test_exact_where_correctly_rounded_saturates(case, impl):
     assert at.any()
 
 
+def assert_same_bits(got, want):
+    """Equal bit for bit (the sign of 0 too), NaN where NaN (whose sign and payload no operation here defines)."""
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def test_cuda_c_float32_is_cpu_fused_bit_for_bit(case):
+    """common.cuh's float32 tanh and sigmoid are cpu_fused's operations in CUDA C (IEEE operations only, the host
+    build without contraction), so they carry its bounds, measured over every float32: equal bit for bit over the
+    sweep (GPURNN_EXHAUSTIVE=1: over every float32)."""
+    name, x, _ = case
+    assert_same_bits(run_cuda_c(name, x), run_fused(name, x))
+
+
 def all_float32(chunk=1 << 24):
     """Every float32 but NaN, in increasing order, in chunks: -Inf .. -0, then +0 .. +Inf."""
     top = bits(np.inf)
@@ -173,7 +252,7 @@ def all_float32(chunk=1 << 24):
 
 
 @pytest.mark.skipif(not EXHAUSTIVE, reason="GPURNN_EXHAUSTIVE=1 checks all 2^32 float32 inputs (minutes)")
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", ["cpu_fused", "numpy_ref"])
 @pytest.mark.parametrize("name", ["tanh", "sigmoid"])
 def test_every_float32(impl, name):
     worst, before = 0.0, None
@@ -184,6 +263,13 @@ def test_every_float32(impl, name):
         check_saturation(impl, name, x, got, exact)
         before = got[-1]
     print(f"{impl} {name}: max {worst:.3f} ulp over every float32, monotone")
+
+
+@pytest.mark.skipif(not EXHAUSTIVE, reason="GPURNN_EXHAUSTIVE=1 checks all 2^32 float32 inputs (minutes)")
+@pytest.mark.parametrize("name", ["tanh", "sigmoid"])
+def test_every_float32_cuda_c_is_cpu_fused(name):
+    for x in all_float32():
+        assert_same_bits(run_cuda_c(name, x), run_fused(name, x))
 
 
 @pytest.mark.parametrize("name", ["tanh", "sigmoid"])
@@ -208,20 +294,35 @@ EXPECTED = {"tanh": [np.nan, 1.0, -1.0, -0.0, 0.0], "sigmoid": [np.nan, 1.0, 0.0
 
 @pytest.mark.parametrize("name", ["tanh", "sigmoid", "relu"])
 @pytest.mark.parametrize("impl,dtype", [("cpu_fused", np.float32), ("numpy_ref", np.float32),
-                                        ("numpy_ref", np.float64)])
+                                        ("numpy_ref", np.float64), ("cuda_c_host", np.float32),
+                                        ("cuda_c_host", np.float64)])
 def test_nan_and_inf(name, impl, dtype):
     got = IMPLEMENTATIONS[impl](name, nonfinite_inputs(dtype))
     np.testing.assert_array_equal(got, np.array(EXPECTED[name], dtype))
     assert got.dtype == dtype
 
 
-def test_relu_gradient_passes_nan_like_torch():
-    """relu' at a NaN output is 1 (torch's threshold backward passes the gradient where y <= 0 is False)."""
-    y = np.float32([np.nan, -0.0, 0.0, 2.0, -np.inf])
-    out = np.empty_like(y)
-    fused_act_grad(CODE["relu"], y, out)
-    np.testing.assert_array_equal(out, [1, 0, 0, 1, 0])
-    np.testing.assert_array_equal(numpy_ref.act_grad("relu", y), [1, 0, 0, 1, 0])
+RELU_Y = [np.nan, -0.0, 0.0, 2.0, -np.inf, 3.0, -1.0]
+RELU_DY = [5.0, np.nan, np.inf, 7.0, np.nan, np.nan, -np.inf]
+RELU_DP = [5.0, 0.0, 0.0, 7.0, 0.0, np.nan, 0.0]     # torch's threshold_backward: y <= 0 ? 0 : dy
+
+
+@pytest.mark.parametrize("impl,dtype", [("cpu_fused", np.float32), ("numpy_ref", np.float32),
+                                        ("numpy_ref", np.float64), ("cuda_c_host", np.float32),
+                                        ("cuda_c_host", np.float64)])
+def test_relu_backward_selects_like_torch(impl, dtype):
+    """relu's backward is a select, not dy times relu': 0 where y <= 0 whatever dy is (NaN * 0 would be NaN), dy
+    where y > 0 or y is NaN (torch's threshold backward passes the gradient where y <= 0 is False)."""
+    got = BACKWARD[impl]("relu", np.array(RELU_DY, dtype), np.array(RELU_Y, dtype))
+    np.testing.assert_array_equal(got, np.array(RELU_DP, dtype))
+
+
+def test_relu_backward_is_torchs():
+    """The expected values above are torch's."""
+    torch = pytest.importorskip("torch")
+    x = torch.tensor(RELU_Y, dtype=torch.float64, requires_grad=True)
+    torch.relu(x).backward(torch.tensor(RELU_DY, dtype=torch.float64))
+    np.testing.assert_array_equal(x.grad.numpy(), RELU_DP)
 
 
 def test_reference_sigmoid_float64_is_relatively_accurate_for_large_negative_x():
@@ -244,17 +345,18 @@ def numba_activations():
         K = build(dtype)
 
         @cuda.jit
-        def apply(act, grad, x, out):
+        def apply(act, backward, dy, x, out):
             i = cuda.grid(1)
             if i < x.size:
-                out[i] = K.activate_grad(act, x[i]) if grad else K.activate(act, x[i])
+                out[i] = K.activate_backward(act, dy[i], x[i]) if backward else K.activate(act, x[i])
         return apply
 
     kernels = {dt: make(dt) for dt in (np.float32, np.float64)}
 
-    def run(name, x, grad=False):
+    def run(name, x, dy=None):
+        """act(x), or with dy its backward from dy and the output x."""
         out = np.empty_like(x)
-        kernels[x.dtype.type][1, x.size](ACT_CODES[name], grad, x, out)
+        kernels[x.dtype.type][1, x.size](ACT_CODES[name], dy is not None, x if dy is None else dy, x, out)
         return out
     return run
 
@@ -268,8 +370,89 @@ def test_numba_cuda_activation_semantics(numba_activations, name, dtype):
     y = numba_activations(name, far)
     want = {"tanh": [-1, -1, 1, 1], "sigmoid": [0, 0, 1, 1], "relu": [0, 0, 750, 800]}[name]
     np.testing.assert_array_equal(y, np.array(want, dtype))
-    grad = numba_activations(name, y, grad=True)
+    grad = numba_activations(name, y, dy=np.ones_like(y))
     np.testing.assert_array_equal(grad, np.array([0, 0, 1, 1] if name == "relu" else [0, 0, 0, 0], dtype))
     if name == "sigmoid":   # relatively accurate tiny results: e^x, not 0, well before the underflow
         tiny = numba_activations(name, np.array([-50.0, -80.0], dtype))
         np.testing.assert_allclose(tiny, np.exp(np.array([-50.0, -80.0])), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_cuda_relu_backward_selects_like_torch(numba_activations, dtype):
+    got = numba_activations("relu", np.array(RELU_Y, dtype), dy=np.array(RELU_DY, dtype))
+    np.testing.assert_array_equal(got, np.array(RELU_DP, dtype))
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid"])
+def test_numba_cuda_float32_runs_cpu_fused_source(numba_activations, name):
+    """The simulated float32 device functions (cpu_fused's source with the simulator's operations: fma rounded
+    twice) within 1 ulp of cpu_fused at inputs across every formula's range."""
+    x = np.float32(np.concatenate([np.linspace(-LIMIT[name], LIMIT[name], 397), BREAKS[name][:20],
+                                   [t for _, t in SATURATION[name]], [2.0 ** -12, 1e-30, 0.3]]))
+    np.testing.assert_array_max_ulp(numba_activations(name, x), run_fused(name, x), maxulp=1)
+
+
+def source_ops(name):
+    """How many fma, mul and / cpu_fused's float32 `name` writes, exp_parts included: {"fma": n, "mul": n, "div": n}."""
+    counts = Counter()
+    for fn in (cpu_fused.exp_parts, getattr(cpu_fused, name)):
+        for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(fn.py_func)))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("fma", "mul"):
+                counts[node.func.id] += 1
+            elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+                counts["div"] += 1
+    return counts
+
+
+def check_ptx_operations(ptx, name):
+    """The float instructions of a PTX kernel applying one float32 activation are the source's operations: as many
+    correctly rounded fma, mul and div as cpu_fused writes; no approximate, flush-to-zero or transcendental
+    instruction, no min/max (NaN would become a number), no float64, and no plain mul that ptxas may fuse with an
+    add (mul.rn / add without .rn are exempt from contraction only in that pairing)."""
+    ops = Counter()
+    for line in ptx.splitlines():
+        words = line.split()
+        if words and words[0].startswith("@"):
+            words = words[1:]
+        if words and (".f32" in words[0] or ".f64" in words[0]):
+            ops[words[0]] += 1
+    kinds = {op.split(".")[0] for op in ops}
+    assert not [op for op in ops if ".f64" in op or "approx" in op or "ftz" in op or "full" in op], ops
+    assert not kinds & {"ex2", "lg2", "rcp", "rsqrt", "sqrt", "sin", "cos", "tanh", "min", "max", "mad"}, ops
+    assert {op for op in ops if op.split(".")[0] in ("fma", "mul", "div")} <= {"fma.rn.f32", "mul.rn.f32",
+                                                                                "div.rn.f32"}, ops
+    want = source_ops(name)
+    assert (ops["fma.rn.f32"], ops["mul.rn.f32"], ops["div.rn.f32"]) == (want["fma"], want["mul"], want["div"]), ops
+
+
+@functools.lru_cache(maxsize=None)
+def numba_activation_ptx():
+    """{name: PTX} of the Numba CUDA float32 activations for sm_90, compiled without the simulator."""
+    code = ("import json; from gpurnn.kernels.numba_cuda_ptx import activation_ptx; "
+            "print(json.dumps(activation_ptx((9, 0))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, NUMBA_ENABLE_CUDASIM="0"))
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid"])
+def test_numba_cuda_float32_ptx_is_the_source_operations(name):
+    check_ptx_operations(numba_activation_ptx()[name], name)
+
+
+NVRTC_KERNEL = """
+template <typename Act> __global__ void apply(const float* x, float* y) { y[threadIdx.x] = Act::fwd(x[threadIdx.x]); }
+"""
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid"])
+def test_cuda_c_float32_ptx_is_the_source_operations(name):
+    """NVRTC with the backend's options (its defaults: -fmad=true, -prec-div=true, -ftz=false) keeps common.cuh's
+    operations: what the host harness proves bit-identical to cpu_fused is what the GPU runs."""
+    from test_cuda_compile import nvrtc_build, nvrtc_or_none
+    if nvrtc_or_none() is None:
+        pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc cuda-bindings)")
+    kernel = f"apply<{cupy_raw.ACTIVATION_TYPES[name]}>"
+    ptx, _ = nvrtc_build(cupy_raw.header() + NVRTC_KERNEL, [kernel], "compute_90", ptx=True)
+    check_ptx_operations(ptx.decode().rstrip("\0 "), name)

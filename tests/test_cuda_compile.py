@@ -44,11 +44,11 @@ def check_nvrtc(nvrtc, result, prog, what):
         pytest.fail(f"NVRTC {what} failed ({result.name}):\n{log.decode(errors='replace')}")
 
 
-def compile_nvrtc(arch):
-    """{name expression: whether its lowered name is a symbol of the cubin}."""
+def nvrtc_build(code, names, arch, ptx=False):
+    """(the cubin, or with `ptx` the PTX, and {name expression: lowered name}) of `code` compiled by NVRTC with the
+    backend's options for `arch`."""
     nvrtc = nvrtc_or_none()
-    names = cupy_raw.kernel_names()
-    result, prog = nvrtc.nvrtcCreateProgram(cupy_raw.source().encode(), b"gpurnn_kernels.cu", 0, [], [])
+    result, prog = nvrtc.nvrtcCreateProgram(code.encode(), b"gpurnn_kernels.cu", 0, [], [])
     assert result == nvrtc.nvrtcResult.NVRTC_SUCCESS
     try:
         for name in names:
@@ -57,19 +57,26 @@ def compile_nvrtc(arch):
         options = [o.encode() for o in (*cupy_raw.OPTIONS, f"-arch={arch}")]
         (result,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
         check_nvrtc(nvrtc, result, prog, "compilation")
-        result, size = nvrtc.nvrtcGetCUBINSize(prog)
-        cubin = b" " * size
-        (result,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
-        check_nvrtc(nvrtc, result, prog, "getting the cubin")
-        found = symbols(cubin)
+        what, get_size, get = (("PTX", nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX) if ptx else
+                               ("cubin", nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN))
+        result, size = get_size(prog)
+        out = b" " * size
+        (result,) = get(prog, out)
+        check_nvrtc(nvrtc, result, prog, f"getting the {what}")
         lowered = {}
         for name in names:
-            result, low = nvrtc.nvrtcGetLoweredName(prog, name.encode())
+            result, lowered[name] = nvrtc.nvrtcGetLoweredName(prog, name.encode())
             check_nvrtc(nvrtc, result, prog, f"lowering {name}")
-            lowered[name] = low in found
-        return lowered
+        return out, lowered
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
+
+
+def compile_nvrtc(arch):
+    """{name expression: whether its lowered name is a symbol of the cubin}."""
+    cubin, lowered = nvrtc_build(cupy_raw.source(), cupy_raw.kernel_names(), arch)
+    found = symbols(cubin)
+    return {name: low in found for name, low in lowered.items()}
 
 
 def mangled_prefix(name):
