@@ -71,10 +71,10 @@ def available():
 
 def array_device(a):
     """"cuda" for arrays in GPU memory (CuPy, __cuda_array_interface__, CUDA DLPack), else "cpu"."""
-    if isinstance(a, np.ndarray):
-        return "cpu"
     if hasattr(a, "__cuda_array_interface__"):
         return "cuda"
+    if isinstance(a, np.ndarray):
+        return "cpu"
     if hasattr(a, "__dlpack_device__"):
         kind = int(a.__dlpack_device__()[0])
         return "cuda" if kind in (2, 3, 13) else "cpu"    # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
@@ -92,8 +92,8 @@ def xp_for(device):
 
 
 def array_module(a):
-    """numpy for NumPy arrays, cupy for CuPy arrays."""
-    return np if isinstance(a, np.ndarray) else xp_for("cuda")
+    """cupy for arrays in GPU memory, else numpy."""
+    return xp_for("cuda") if array_device(a) == "cuda" else np
 
 
 def to_host(a, copy=False):

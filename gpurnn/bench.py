@@ -70,14 +70,15 @@ def _seconds(fn):
     return time.perf_counter() - t
 
 
-def make_ours(backend, cell, T, B, H, I=None, train=True, seed=0, workspace=False):
+def make_ours(backend, cell, T, B, H, I=None, train=True, seed=0, workspace=False, sweep="auto"):
     """A no-argument callable running one forward (train=False) or training step of our layer; `workspace`: the
-    layer reuses its buffers across calls (layer.workspace())."""
+    layer reuses its buffers across calls (layer.workspace()); `sweep`: the GPU backends' sweep (layer.sweep)."""
     from .layers import GRU, LSTM, RNN
     I = H if I is None else I
     kind = {"lstm": LSTM, "gru": GRU}.get(cell)
     layer = kind(I, H, seed=seed) if kind else RNN(I, H, nonlinearity=cell[4:], seed=seed)
     layer.workspace(workspace)
+    layer.sweep = sweep
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     dy = rng.standard_normal((T, B, H)).astype(np.float32)
@@ -183,19 +184,20 @@ def peak_rss(side, backend, cell, T, B, H, train=True):
 
 
 def run(backend="numpy", cells=DEFAULT_CELLS, sizes=((100, 32, 256),), repeats=10, modes=("train", "inference"),
-        memory=False, workspace=False):
-    """Rows of measurements (dicts), one per cell x size x mode; a progress line on stderr before each."""
+        memory=False, workspace=False, sweeps=("auto",)):
+    """Rows of measurements (dicts), one per cell x size x mode x sweep; a progress line on stderr before each."""
     rows = []
-    total = len(cells) * len(sizes) * len(modes)
+    total = len(cells) * len(sizes) * len(modes) * len(sweeps)
     for cell in cells:
         for T, B, H in sizes:
-            for mode in modes:
-                progress(f"{cell} T,B,H={T},{B},{H} {mode} ({len(rows) + 1}/{total})")
+            for mode, sweep in ((m, s) for m in modes for s in sweeps):
+                how = "" if sweep == "auto" else f" sweep {sweep}"
+                progress(f"{cell} T,B,H={T},{B},{H} {mode}{how} ({len(rows) + 1}/{total})")
                 train = mode == "train"
-                ours = make_ours(backend, cell, T, B, H, train=train, workspace=workspace)
+                ours = make_ours(backend, cell, T, B, H, train=train, workspace=workspace, sweep=sweep)
                 peer = make_peer(backend, cell, T, B, H, train=train)
                 t_ours, *t_peer = time_alternating([ours] + ([peer] if peer else []), repeats)
-                row = dict(cell=cell, T=T, B=B, H=H, I=H, mode=mode, ours_ms=t_ours * 1e3,
+                row = dict(cell=cell, T=T, B=B, H=H, I=H, mode=mode, sweep=sweep, ours_ms=t_ours * 1e3,
                            peer_ms=t_peer[0] * 1e3 if t_peer else None,
                            ratio=t_ours / t_peer[0] if t_peer else None,
                            gflops=gemm_flops(cell, T, B, H, train=train) / t_ours / 1e9)
@@ -237,6 +239,9 @@ def add_arguments(parser):
                         help="instead of the comparison, split our training step into its parts (numpy backend)")
     parser.add_argument("--workspace", action="store_true",
                         help="our layers reuse their buffers across calls (layer.workspace(), numpy backend)")
+    parser.add_argument("--sweep", nargs="+", default=["auto"], choices=("auto", "step", "persistent"),
+                        help="GPU backends: the sweep(s) to time side by side, e.g. --sweep step persistent "
+                             "(numba: both; cupy: step)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
@@ -245,13 +250,14 @@ def format_table(result):
     lines = [f"device: {result['device']}  (NumPy SGEMM {result['sgemm_gflops']:.0f} GFLOP/s; "
              f"peer: {result['peer'] or 'none'}, torch threads {result['torch_threads']}; "
              f"Numba threads {result['numba_threads']}, workspace {'on' if result['workspace'] else 'off'})"]
-    head = f"{'cell':<12}{'T,B,H':>14} {'mode':<10}{'ours ms':>9}{'peer ms':>9}{'ratio':>7}{'GFLOP/s':>9}{'%SGEMM':>8}"
+    head = (f"{'cell':<12}{'T,B,H':>14} {'mode':<10}{'sweep':<11}{'ours ms':>9}{'peer ms':>9}{'ratio':>7}"
+            f"{'GFLOP/s':>9}{'%SGEMM':>8}")
     mem = any("ours_peak_mib" in r for r in result["rows"])
     lines.append(head + ("  peak MiB ours/peer" if mem else ""))
     for r in result["rows"]:
         peer = f"{r['peer_ms']:9.1f}{r['ratio']:7.2f}" if r["peer_ms"] is not None else f"{'-':>9}{'-':>7}"
-        line = (f"{r['cell']:<12}{r['T']:>6},{r['B']},{r['H']:<4} {r['mode']:<10}{r['ours_ms']:9.1f}{peer}"
-                f"{r['gflops']:9.1f}{100 * r['gflops'] / result['sgemm_gflops']:7.0f}%")
+        line = (f"{r['cell']:<12}{r['T']:>6},{r['B']},{r['H']:<4} {r['mode']:<10}{r['sweep']:<11}"
+                f"{r['ours_ms']:9.1f}{peer}{r['gflops']:9.1f}{100 * r['gflops'] / result['sgemm_gflops']:7.0f}%")
         if "ours_peak_mib" in r:
             line += f"  {r['ours_peak_mib']:.1f} / " + (f"{r['peer_peak_mib']:.1f}" if r["peer_peak_mib"] else "-")
         lines.append(line)
@@ -284,6 +290,11 @@ def main(argv=None):
     if args.repeats < 1:
         print("gpurnn bench: error: --repeats must be >= 1", file=sys.stderr)
         return 2
+    sweeps = list(dict.fromkeys(args.sweep))
+    allowed = {"numpy": ("auto",), "cupy": ("auto", "step")}.get(args.backend, ("auto", "step", "persistent"))
+    if set(sweeps) - set(allowed):
+        print(f"gpurnn bench: error: --sweep for backend {args.backend!r} takes {', '.join(allowed)}", file=sys.stderr)
+        return 2
     if args.backend != "numpy":
         from .backend import gpu_available
         if not gpu_available():
@@ -293,7 +304,7 @@ def main(argv=None):
         return print_profiles(args)
     torch = torch_or_none()
     modes = ("train", "inference") if args.mode == "both" else (args.mode,)
-    rows = run(args.backend, args.cells, args.sizes, args.repeats, modes, args.memory, args.workspace)
+    rows = run(args.backend, args.cells, args.sizes, args.repeats, modes, args.memory, args.workspace, sweeps)
     progress("measuring this machine's SGEMM rate")
     result = dict(device=device_name(args.backend), backend=args.backend, sgemm_gflops=sgemm_gflops(),
                   numpy=np.__version__, peer=peer_name(args.backend),

@@ -14,17 +14,25 @@ class NonFiniteError(ValueError):
     """An array holds NaN or Inf: bad input from a user, or a diverged value mid-training."""
 
 
-CHECK_FINITE = True
+CHECK_FINITE = None
 """Whether layers check for NaN and Inf, unless a module's own `check_finite` attribute says otherwise (None: follow
-this). On: inputs, states and upstream gradients (named), parameters at forward (named), each sweep's output and
-every gradient before it is added into `grads` raise NonFiniteError, and a failed call changes nothing. Off: NaN and
-Inf flow through to the loss unchecked (no check costs a host sync on a GPU). Losses follow this default."""
+this). None (the default): on for data on the CPU, off on a GPU, where each check would make the host wait for the
+device (a synchronisation per call, which also stops the two directions of a bidirectional layer from overlapping).
+True / False: on / off everywhere. On: inputs, states and upstream gradients (named), parameters at forward
+(named), each sweep's output and every gradient before it is added into `grads` raise NonFiniteError, and a failed
+call changes nothing. Off: NaN and Inf flow through to the loss unchecked. Losses follow this default."""
+
+
+def default_finite(device):
+    """What CHECK_FINITE means for data on `device`."""
+    return device == "cpu" if CHECK_FINITE is None else bool(CHECK_FINITE)
 
 
 def finite_checks(module=None):
-    """True when `module` (None: no module) checks for NaN/Inf: its `check_finite`, or CHECK_FINITE when unset."""
+    """True when `module` (None: no module, on the CPU) checks for NaN/Inf: its `check_finite`, else CHECK_FINITE
+    for the module's device."""
     own = getattr(module, "check_finite", None)
-    return CHECK_FINITE if own is None else bool(own)
+    return default_finite(getattr(module, "device", "cpu")) if own is None else bool(own)
 
 
 def ensure_finite(module, arrays, message):
@@ -32,6 +40,7 @@ def ensure_finite(module, arrays, message):
     `module` checks (see finite_checks). All arrays are tested on their device and read back in one transfer."""
     if not finite_checks(module):
         return
+    raise_deferred()
     named = [(k, a) for k, a in arrays.items() if a is not None and a.size]
     if not named:
         return
@@ -127,7 +136,7 @@ def convert(a, device, name):
 
 def array(a, name, device, dtype, shape=None, ndim=None, finite=None):
     """`a` as an xp array on `device` with `dtype`, checked for shape (None entries match any size) and, when
-    `finite` (None: CHECK_FINITE), for NaN/Inf."""
+    `finite` (None: default_finite(device)), for NaN/Inf."""
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
     where = array_device(a)
@@ -144,16 +153,25 @@ def array(a, name, device, dtype, shape=None, ndim=None, finite=None):
         if len(shape) != a.ndim or any(s is not None and s != d for s, d in zip(shape, a.shape)):
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name} must have shape {want}, got {tuple(a.shape)}")
-    if (CHECK_FINITE if finite is None else finite) and a.size and not bool(xp_for(device).isfinite(a).all()):
+    if (default_finite(device) if finite is None else finite) and a.size and \
+            not bool(xp_for(device).isfinite(a).all()):
         raise NonFiniteError(f"{name} contains NaN or Inf")
     return a
 
 
 def lengths(lengths, batch, steps, device):
-    """`lengths` (B,) as int32 on `device`, each in 1..T; None means every sequence has T steps."""
+    """(`lengths` (B,) as int32 on `device`, each in 1..T; whether any is below T). None: every sequence has T steps.
+
+    Host lengths (NumPy, lists) are checked on the host and copied to the device. Lengths already on the GPU are not
+    read back (that would wait for the device): their dtype and shape are checked on the host, their range on the
+    device, by a check that `raise_deferred` reads at the next point where the host waits anyway; until then an
+    out-of-range value is clipped into 0..T (0: the sequence keeps its state and outputs zeros), and the whole
+    batch counts as ragged (any length may be below T)."""
     xp = xp_for(device)
     if lengths is None:
         return xp.full((batch,), steps, dtype=np.int32), False
+    if device == "cuda" and array_device(lengths) == "cuda":
+        return device_lengths(xp.asarray(lengths), batch, steps), True
     host = to_host(lengths)
     if host.dtype.kind not in "iu":
         raise TypeError(f"lengths must be integers, got dtype {host.dtype.name}")
@@ -162,6 +180,42 @@ def lengths(lengths, batch, steps, device):
     if host.min() < 1 or host.max() > steps:
         raise ValueError(f"lengths must lie in 1..{steps} (T), got min {host.min()} and max {host.max()}")
     return xp.asarray(host.astype(np.int32)), bool((host < steps).any())
+
+
+def device_lengths(lengths, batch, steps):
+    """GPU `lengths` checked without a host read: see `lengths`."""
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"lengths must be integers, got dtype {lengths.dtype.name}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape ({batch},) (one per batch entry), got {lengths.shape}")
+    xp = array_module(lengths)
+    defer(xp.logical_or(lengths < 1, lengths > steps).any(),
+          f"lengths given on the GPU must lie in 1..{steps} (T); some did not (they ran clipped into 0..{steps})")
+    return xp.clip(lengths, 0, steps).astype(np.int32)
+
+
+_deferred = []   # (0-d device bool: the check failed, message), oldest first
+MAX_DEFERRED = 64
+
+
+def defer(failed, message):
+    """Queue a check computed on the device: `failed` a 0-d device bool, `message` the ValueError's text."""
+    _deferred.append((failed, message))
+    del _deferred[:-MAX_DEFERRED]
+
+
+def raise_deferred():
+    """Read the queued device-side checks in one transfer (a host synchronisation) and raise ValueError for the
+    first that failed; the queue is then empty. Layers call it only where they synchronise anyway (a NaN/Inf check
+    that is on); call it yourself where your loop waits for the device (after reading the loss, say)."""
+    if not _deferred:
+        return
+    pending, _deferred[:] = list(_deferred), []
+    xp = array_module(pending[0][0])
+    failed = to_host(xp.stack([f for f, _ in pending]))
+    for (_, message), bad in zip(pending, failed):
+        if bad:
+            raise ValueError(message)
 
 
 def check_ctx(ctx, owner, kind):

@@ -125,6 +125,8 @@ def build_parser():
 
     sub.add_parser("info", help="backends, devices and library versions")
     sub.add_parser("bench", help="side-by-side speed table (see gpurnn bench --help)", add_help=False)
+    sub.add_parser("check-gpu", help="GPU report: tests, compute-sanitizer, timing against cuDNN (see --help)",
+                   add_help=False)
     return parser
 
 
@@ -143,6 +145,9 @@ def main(argv=None):
     if argv[:1] == ["bench"]:
         from . import bench
         return bench.main(argv[1:])
+    if argv[:1] == ["check-gpu"]:
+        from . import gpucheck
+        return gpucheck.main(argv[1:])
     args = build_parser().parse_args(argv)
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):

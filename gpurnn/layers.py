@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checks, init as inits
+from . import checks, init as inits, precision
 from .backend import array_module, kernels, resolve
-from .kernels import GATES
+from .kernels import GATES, gemm
 from .module import Module
+from .streams import Lanes
 from .workspace import Workspace
 
 BACKEND_NAMES = ("auto", "numpy", "numba", "cupy")
@@ -30,6 +31,7 @@ class LayerCtx:
     masks: list = field(default_factory=list)    # dropout: per layer but the last, (T, B, D*H) in {0, 1/(1-p)}
     retain: bool = False    # backward may run on it more than once
     used: bool = False      # a backward has run on it
+    math: str = "fp32"      # the GEMMs' precision (gpurnn.precision)
     valid: object = None    # (T, B, 1) bool, step t of sequence b is inside its length; None when every length is T
 
 
@@ -51,9 +53,21 @@ def reverse_time(a, rev_index):
     return xp.take_along_axis(a, rev_index, axis=0)
 
 
-def matmul(xp, workspace, a, b):
-    """a @ b (2-D), written into a workspace buffer when there is one."""
-    return xp.matmul(a, b, out=None if workspace is None else workspace.empty((a.shape[0], b.shape[1]), a.dtype))
+def matmul(xp, workspace, a, b, math="fp32", out=None):
+    """a @ b (2-D). NumPy: written into a workspace buffer when there is one. A GPU backend's array module (CuPy,
+    or its stand-in under the simulator and the CPU harness): cuBLAS in `math` (kernels/gemm.py), into `out`
+    plus what it holds when given."""
+    if xp is np:
+        if out is not None:
+            out += a @ b
+            return out
+        return xp.matmul(a, b, out=None if workspace is None else workspace.empty((a.shape[0], b.shape[1]), a.dtype))
+    return gemm.matmul(xp, a, b, math, out=out, beta=0.0 if out is None else 1.0)
+
+
+def gemm_module(name):
+    """The array module a backend's GEMMs go through: NumPy for numpy, else the GPU backend's own."""
+    return np if name == "numpy" else kernels(name).array_module()
 
 
 def valid_steps(lengths, T, xp):
@@ -82,7 +96,7 @@ class _Recurrent(Module):
     _workspace = None  # numpy backend: a Workspace the calls take their large buffers from (see workspace())
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, init="uniform", dtype="float32", backend="auto", seed=None):
+                 bidirectional=False, init="uniform", dtype="float32", backend="auto", seed=None, math=None):
         I = checks.positive_int(input_size, "input_size")
         H = checks.positive_int(hidden_size, "hidden_size")
         L = checks.positive_int(num_layers, "num_layers")
@@ -91,6 +105,7 @@ class _Recurrent(Module):
         dropout = checks.number(dropout, "dropout", 0.0, 1.0)
         checks.choice(init, "init", inits.INITS)
         checks.choice(backend, "backend", BACKEND_NAMES)
+        self.math = precision.check(math, dtype)     # GEMM precision on a GPU; None: precision.DEFAULT_MATH
         checks.fits_in_memory(D * GATES[self.cell] * H * (I + (L - 1) * D * H + L * H + 2 * L * bias),
                               checks.float_dtype(dtype), f"{type(self).__name__}({I}, {H}, num_layers={L})")
         if dropout and L == 1:
@@ -113,7 +128,8 @@ class _Recurrent(Module):
     def config(self):
         return dict(kind=type(self).__name__, input_size=self.input_size, hidden_size=self.hidden_size,
                     num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first, dropout=self.dropout,
-                    bidirectional=self.num_directions == 2, init=self.init, dtype=self.dtype.name)
+                    bidirectional=self.num_directions == 2, init=self.init, dtype=self.dtype.name,
+                    **({"math": self.math} if self.math else {}))
 
     def workspace(self, enabled=True):
         """Reuse the large host buffers of forward and backward across calls (numpy backend), so a training loop
@@ -185,36 +201,41 @@ class _Recurrent(Module):
         valid = valid_steps(lens, T, xp) if ragged else None
         x = only_valid_steps(x, valid)          # the layer's input, and what dW_ih is formed from
         name = resolve(self.backend, self.device)
+        math = precision.resolve(self.math, name, self.dtype)
         K = kernels(name)
+        gx = gemm_module(name)
         ws = self._workspace if name == "numpy" else None
-        opts = {"workspace": ws} if name == "numpy" else {"sweep": self.sweep}
+        opts = {"workspace": ws} if name == "numpy" else {"sweep": self.sweep, "math": math}
         H, D, G = self.hidden_size, self.num_directions, GATES[self.cell]
         rev_index = reverse_index(lens, T, xp) if (ragged and D == 2) else None
-        ctx = LayerCtx(self, name, self.batch_first, (T, B), rev_index, [], retain=retain, valid=valid)
+        ctx = LayerCtx(self, name, self.batch_first, (T, B), rev_index, [], retain=retain, math=math,
+                       valid=valid)
         state_n = tuple(xp.empty_like(s) for s in state0)
         inp = x
         for layer in range(self.num_layers):
             ctx.inputs.append(inp)
             out = xp.empty((T, B, D * H), self.dtype) if D == 2 else None
+            lane = Lanes(gx, D)                 # the directions on streams of their own (GPU)
             for d, suffix in enumerate(self._suffixes(layer)):
-                p = self.params
-                xw = matmul(xp, ws, inp.reshape(T * B, -1), p[f"weight_ih{suffix}"].T).reshape(T, B, G * H)
-                b_ih = p[f"bias_ih{suffix}"] if self.bias else None      # the sweep adds it, with b_hh
-                b_hh = p[f"bias_hh{suffix}"] if self.bias else xp.zeros(G * H, self.dtype)
-                if d == 1:
-                    xw = reverse_time(xw, rev_index)
-                k = layer * D + d
-                y, s_n, kctx = K.forward(self.cell, xw, p[f"weight_hh{suffix}"], b_hh,
-                                         tuple(s[k] for s in state0), lens, training, b_ih=b_ih, **opts)
-                checks.ensure_finite(self, {"y": y, **dict(enumerate(s_n))},
-                                     not_finite(f"the output of layer {layer} (direction {d})"))
-                if D == 1:         # (T, B, H); a copy when training, since backward reads the sweep's own y
-                    out = y.copy() if training else y
-                else:
-                    out[:, :, d * H:(d + 1) * H] = reverse_time(y, rev_index) if d == 1 else y
-                for dst, src in zip(state_n, s_n):
-                    dst[k] = src
-                ctx.sweeps.append(kctx)
+                with lane(d):
+                    p = self.params
+                    xw = matmul(gx, ws, inp.reshape(T * B, -1), p[f"weight_ih{suffix}"].T, math).reshape(T, B, G * H)
+                    b_ih = p[f"bias_ih{suffix}"] if self.bias else None      # the sweep adds it, with b_hh
+                    b_hh = p[f"bias_hh{suffix}"] if self.bias else xp.zeros(G * H, self.dtype)
+                    if d == 1:
+                        xw = reverse_time(xw, rev_index)
+                    k = layer * D + d
+                    y, s_n, kctx = K.forward(self.cell, xw, p[f"weight_hh{suffix}"], b_hh,
+                                             tuple(s[k] for s in state0), lens, training, b_ih=b_ih, **opts)
+                    checks.ensure_finite(self, {"y": y, **dict(enumerate(s_n))},
+                                         not_finite(f"the output of layer {layer} (direction {d})"))
+                    if D == 1:         # (T, B, H); a copy when training, since backward reads the sweep's own y
+                        out = y.copy() if training else y
+                    else:
+                        out[:, :, d * H:(d + 1) * H] = reverse_time(y, rev_index) if d == 1 else y
+                    for dst, src in zip(state_n, s_n):
+                        dst[k] = src
+                    ctx.sweeps.append(kctx)
             inp = out
             if training and self.dropout and layer < self.num_layers - 1:
                 ctx.masks.append(self.dropout_mask(out, self.dropout))    # (T, B, D*H)
@@ -235,6 +256,7 @@ class _Recurrent(Module):
                                            finite=checks.finite_checks(self)))
         dstate_n = self._check_state(dstate, B, "dstate")
         K = kernels(ctx.backend)
+        gx, math = gemm_module(ctx.backend), ctx.math
         ws = self._workspace if ctx.backend == "numpy" else None
         p = self.params
         new_grads = {}     # added to self.grads only once every GEMM has run
@@ -244,35 +266,42 @@ class _Recurrent(Module):
         for layer in reversed(range(self.num_layers)):
             inp = ctx.inputs[layer]
             inp2d = inp.reshape(T * B, -1)
-            dinp = None
+            dgx2ds = []
+            lane = Lanes(gx, D)                 # the directions on streams of their own (GPU)
             for d, suffix in enumerate(self._suffixes(layer)):
-                k = layer * D + d
-                kctx = ctx.sweeps[k]
-                dy_d = dout if D == 1 else xp.ascontiguousarray(dout[:, :, d * H:(d + 1) * H])
-                if d == 1:
-                    dy_d = reverse_time(dy_d, ctx.rev_index)
-                dgx, dgh, ds0 = K.backward(kctx, dy_d, tuple(s[k] for s in dstate_n))
-                for dst, src in zip(dstate0, ds0):
-                    dst[k] = src
-                GH = dgx.shape[2]
-                shared = dgh is dgx        # every cell but the GRU: dL/d(xw) = dL/d(h W_hh^T)
-                # W_hh sees h_prev: h0 at step 0, then y[t-1] (kernel time order)
-                gw = matmul(xp, ws, dgh[0].T, kctx.h0)                             # (GH, H)
-                if T > 1:
-                    gw += matmul(xp, ws, dgh[1:].reshape(-1, GH).T, kctx.y[:-1].reshape(-1, H))
-                new_grads[f"weight_hh{suffix}"] = gw
-                dgh_sum = ones @ dgh.reshape(T * B, GH) if self.bias else None      # (GH,)
-                if d == 1:
-                    dgx = reverse_time(dgx, ctx.rev_index)
-                dgx2d = dgx.reshape(T * B, GH)
-                new_grads[f"weight_ih{suffix}"] = matmul(xp, ws, dgx2d.T, inp2d)      # (GH, in_l)
-                if dinp is None:
-                    dinp = matmul(xp, ws, dgx2d, p[f"weight_ih{suffix}"])             # (T*B, in_l)
-                else:
-                    dinp += dgx2d @ p[f"weight_ih{suffix}"]
-                if self.bias:
-                    new_grads[f"bias_hh{suffix}"] = dgh_sum
-                    new_grads[f"bias_ih{suffix}"] = dgh_sum if shared else ones @ dgx2d
+                with lane(d):
+                    k = layer * D + d
+                    kctx = ctx.sweeps[k]
+                    dy_d = dout if D == 1 else xp.ascontiguousarray(dout[:, :, d * H:(d + 1) * H])
+                    if d == 1:
+                        dy_d = reverse_time(dy_d, ctx.rev_index)
+                    dgx, dgh, ds0 = K.backward(kctx, dy_d, tuple(s[k] for s in dstate_n))
+                    for dst, src in zip(dstate0, ds0):
+                        dst[k] = src
+                    GH = dgx.shape[2]
+                    shared = dgh is dgx        # every cell but the GRU: dL/d(xw) = dL/d(h W_hh^T)
+                    # W_hh sees h_prev: h0 at step 0, then y[t-1] (kernel time order); the GPU sweeps keep them as
+                    # one (T, B, H) buffer, so dW_hh is one GEMM over all T*B rows
+                    h_prev = getattr(kctx, "h_prev", None)
+                    if h_prev is not None:
+                        gw = matmul(gx, ws, dgh.reshape(-1, GH).T, h_prev.reshape(-1, H), math)    # (GH, H)
+                    else:
+                        gw = matmul(xp, ws, dgh[0].T, kctx.h0)
+                        if T > 1:
+                            gw += matmul(xp, ws, dgh[1:].reshape(-1, GH).T, kctx.y[:-1].reshape(-1, H))
+                    new_grads[f"weight_hh{suffix}"] = gw
+                    dgh_sum = ones @ dgh.reshape(T * B, GH) if self.bias else None      # (GH,)
+                    if d == 1:
+                        dgx = reverse_time(dgx, ctx.rev_index)
+                    dgx2d = dgx.reshape(T * B, GH)
+                    new_grads[f"weight_ih{suffix}"] = matmul(gx, ws, dgx2d.T, inp2d, math)    # (GH, in_l)
+                    dgx2ds.append(dgx2d)
+                    if self.bias:
+                        new_grads[f"bias_hh{suffix}"] = dgh_sum
+                        new_grads[f"bias_ih{suffix}"] = dgh_sum if shared else ones @ dgx2d
+            dinp = None          # (T*B, in_l): the directions' shares, summed by the GEMMs after the lanes joined
+            for dgx2d, suffix in zip(dgx2ds, self._suffixes(layer)):
+                dinp = matmul(gx, ws, dgx2d, p[f"weight_ih{suffix}"], math, out=dinp)
             dout = dinp.reshape(T, B, -1)
             if layer and ctx.masks:           # layer's input was out_{layer-1} * mask: d out = d input * mask
                 dout = dout * ctx.masks[layer - 1]

@@ -1,11 +1,14 @@
 """The CuPy backend: the CUDA C kernels of ``kernels/*.cu`` between cuBLAS GEMMs, on CuPy arrays.
 
-Interface and shapes: see ``kernels/__init__.py``. Every step of a sweep is one GEMM (``cupy.matmul``, cuBLAS) into
-a buffer allocated once per call, then one fused pointwise launch (Jordan: two GEMMs, two launches). Everything
-goes on CuPy's current stream and nothing in a time loop waits for the device. The .cu files are compiled into one
-``cupy.RawModule`` on first use, once per device, never at import; cupy itself is imported on first use. With
-GPURNN_CUDA_HOST=1 the same code runs on NumPy arrays, its kernels compiled for the CPU (``cuda_host``, ``cupy_host``).
-``sweep="auto"`` is the per-step sweep; this backend has no persistent (one-launch) sweep yet.
+Interface and shapes: see ``kernels/__init__.py``; every sweep also takes ``math`` ("fp32" | "tf32" | "bf16", see
+gemm.py) for its GEMMs. Every step of a sweep is one GEMM (cuBLAS GemmEx, prepared once per sweep: gemm.Matmul)
+into a buffer of the sweep, then one fused pointwise launch (Jordan: two GEMMs, two launches) whose arguments are
+built once per sweep; the input bias b_ih is added by the pointwise kernels. The whole time loop is captured into a
+CUDA graph on its first call with a given shape and replayed after (graphs.py). Everything goes on CuPy's current
+stream and nothing in a sweep waits for the device or reads device memory on the host. The .cu files are compiled
+into one ``cupy.RawModule`` on first use, once per device, never at import; cupy itself is imported on first use.
+With GPURNN_CUDA_HOST=1 the same code runs on NumPy arrays, its kernels compiled for the CPU (``cuda_host``,
+``cupy_host``). ``sweep="auto"`` is the per-step sweep; this backend has no persistent (one-launch) sweep yet.
 """
 import functools
 from dataclasses import dataclass
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ACTIVATIONS, CELLS, JordanCtx
+from . import ACTIVATIONS, CELLS, JordanCtx, gemm, graphs
 
 SOURCES = ("rnn.cu", "lstm.cu", "gru.cu", "jordan.cu")
 HEADER = "common.cuh"
@@ -94,15 +97,21 @@ def _cupy():
     return cupy
 
 
+def array_module():
+    """The array module of this backend: cupy, or cupy_host under GPURNN_CUDA_HOST=1."""
+    return _cupy()
+
+
 def _kernels(*names):
     device_id = _cupy().cuda.Device().id
     return tuple(_kernel(device_id, name) for name in names)
 
 
-def _launch(kernel, rows, cols, *args):
-    """One thread per element of a (rows, cols) array; every kernel takes (..., B, N) last."""
-    blocks = (rows * cols + THREADS - 1) // THREADS
-    kernel((blocks,), (THREADS,), args + (np.int32(rows), np.int32(cols)))
+def _launcher(kernel, rows, cols):
+    """launch(*args): `kernel` with one thread per element of a (rows, cols) array; every kernel takes (..., B, N)
+    last."""
+    grid, block, tail = ((rows * cols + THREADS - 1) // THREADS,), (THREADS,), (np.int32(rows), np.int32(cols))
+    return lambda *args: kernel(grid, block, args + tail)
 
 
 def _float_type(a, name):
@@ -128,44 +137,125 @@ class SweepCtx:
     c0: object = None   # (B, H) LSTM
     c: object = None    # (T, B, H) LSTM cell state after each step
     hn: object = None   # (T, B, H) GRU h_prev @ W_hn.T + b_hn
+    h_prev: object = None   # (T, B, H) the state before each step: h0, y[0], ..., y[T-2] (one buffer with y)
+    math: str = "fp32"
 
 
-def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto", b_ih=None):
+def forward_buffers(cell, training, math, a):
+    """What a forward sweep writes, shaped from its inputs `a`: hs (T+1, B, H) with hs[0] = h0 and y = hs[1:]; h (and
+    c): (B, H) state; gates (T, B, G*H) and per_step (T, B, H) (LSTM c_t, GRU hn_t), one step of scratch in
+    inference; gh (B, G*H) the step's GEMM output; the bf16 operand copies (None unless math is "bf16")."""
+    cp = _cupy()
+    T, B, GH = a["xw"].shape
+    H, dtype = a["w_hh"].shape[1], a["xw"].dtype
+    saved = T if training else 1                        # inference overwrites one step's scratch
+    gated = cell in ("lstm", "gru")
+    h = cp.empty((B, H), dtype)
+    return dict(hs=cp.empty((T + 1, B, H), dtype), h=h, c=cp.empty((B, H), dtype) if cell == "lstm" else None,
+                gates=cp.empty((saved, B, GH), dtype) if gated else None,
+                per_step=cp.empty((saved, B, H), dtype) if gated else None, gh=cp.empty((B, GH), dtype),
+                h_low=gemm.Operand.buffer(cp, h, math), w_low=gemm.Operand.buffer(cp, a["w_hh"].T, math))
+
+
+def step_forward(cell, training, math, a):
+    """The forward sweep on the arrays `a` (inputs + forward_buffers): per step the GEMM gh = h @ W_hh.T and one
+    pointwise launch. Allocates nothing and reads nothing on the host: capturable."""
+    cp = _cupy()
+    T, B, H = a["hs"].shape[0] - 1, *a["h"].shape
+    dtype = np.dtype(a["hs"].dtype)
+    launch = _launcher(*_kernels(step_kernels(cell, dtype)[0]), B, H)
+    cp.copyto(a["h"], a["h0"])
+    cp.copyto(a["hs"][0], a["h0"])
+    if cell == "lstm":
+        cp.copyto(a["c"], a["c0"])
+    w = gemm.constant(cp, a["w_hh"].T, math, a["w_low"])
+    h = gemm.Operand(cp, a["h"], math, a["h_low"])
+    product = gemm.Matmul(cp, h, w, a["gh"], math)
+    y, xw, gates, per_step = a["hs"][1:], a["xw"], a["gates"], a["per_step"]
+    head = (a["gh"], a["b_hh"], a["b_ih"], a["h"])
+    steps = []                                           # each step's arguments, built before the loop
+    for t in range(T):
+        s, tail = (t if training else 0), (a["lengths"], np.int32(t))
+        if cell == "lstm":
+            steps.append((xw[t], *head, a["c"], y[t], gates[s], per_step[s], *tail))
+        elif cell == "gru":
+            steps.append((xw[t], *head, y[t], gates[s], per_step[s], *tail))
+        else:
+            steps.append((xw[t], *head, y[t], *tail))
+    for args in steps:
+        h.update()
+        product()
+        launch(*args)
+
+
+def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto", b_ih=None, math="fp32"):
     _check_sweep(sweep)
     cp = _cupy()
     dtype = _float_type(xw, "xw")
-    if b_ih is not None:
-        xw = xw + b_ih
     T, B, GH = xw.shape
     H = w_hh.shape[1]
-    (step,) = _kernels(step_kernels(cell, dtype)[0])
-    xw = cp.ascontiguousarray(xw)
-    b_hh = cp.ascontiguousarray(b_hh, dtype=dtype)
-    lengths = cp.ascontiguousarray(lengths, dtype=np.int32)
-    h0 = cp.ascontiguousarray(state0[0], dtype=dtype)
-    h = h0.copy()
-    c0 = cp.ascontiguousarray(state0[1], dtype=dtype) if cell == "lstm" else None
-    c = c0.copy() if cell == "lstm" else None
-    y = cp.empty((T, B, H), dtype)
-    gh = cp.empty((B, GH), dtype)                       # h @ W_hh.T of the current step
-    saved = T if training else 1                        # inference overwrites one step's scratch
-    gates = cp.empty((saved, B, GH), dtype) if cell in ("lstm", "gru") else None
-    per_step = cp.empty((saved, B, H), dtype) if cell in ("lstm", "gru") else None   # LSTM c_t, GRU hn_t
-    for t in range(T):
-        cp.matmul(h, w_hh.T, out=gh)
-        s = t if training else 0
-        if cell == "lstm":
-            _launch(step, B, H, xw[t], gh, b_hh, h, c, y[t], gates[s], per_step[s], lengths, np.int32(t))
-        elif cell == "gru":
-            _launch(step, B, H, xw[t], gh, b_hh, h, y[t], gates[s], per_step[s], lengths, np.int32(t))
-        else:
-            _launch(step, B, H, xw[t], gh, b_hh, h, y[t], lengths, np.int32(t))
-    state_n = (h, c) if cell == "lstm" else (h,)
+    inputs = dict(xw=xw, w_hh=w_hh, b_hh=b_hh, b_ih=cp.zeros(b_hh.shape, dtype) if b_ih is None else b_ih,
+                  lengths=lengths, h0=state0[0])
+    if cell == "lstm":
+        inputs["c0"] = state0[1]
+    inputs = {k: cp.ascontiguousarray(v, dtype=np.int32 if k == "lengths" else dtype) for k, v in inputs.items()}
+    keep = ("hs", "h") + (("c",) if cell == "lstm" else ()) + \
+        (("gates", "per_step") if training and cell in ("lstm", "gru") else ())
+    key = ("cupy", "forward", cell, T, B, H, dtype.str, training, math, cp.cuda.Device().id)
+    out = graphs.run(cp, key, inputs, functools.partial(forward_buffers, cell, training, math),
+                     functools.partial(step_forward, cell, training, math), keep)
+    y = out["hs"][1:]
+    state_n = (out["h"], out["c"]) if cell == "lstm" else (out["h"],)
     if not training:
         return y, state_n, None
-    ctx = SweepCtx(cell, lengths, w_hh, h0, y, gates, c0=c0,
-                   c=per_step if cell == "lstm" else None, hn=per_step if cell == "gru" else None)
+    per_step = out.get("per_step")
+    ctx = SweepCtx(cell, inputs["lengths"], w_hh, inputs["h0"], y, out.get("gates"),
+                   c0=inputs.get("c0"), c=per_step if cell == "lstm" else None,
+                   hn=per_step if cell == "gru" else None, h_prev=out["hs"][:-1], math=math)
     return y, state_n, ctx
+
+
+def backward_buffers(cell, math, a):
+    """dgx (T, B, G*H): every row written (0 at padded steps), no fill; dgh (GRU; else dgx); dh, dc (B, H) carried
+    gradients; dhh (B, H) the step's GEMM output; the bf16 operand copies."""
+    cp = _cupy()
+    T, B, H = a["y"].shape
+    GH, dtype = a["w_hh"].shape[0], a["y"].dtype
+    dgx = cp.empty((T, B, GH), dtype)
+    return dict(dgx=dgx, dgh=cp.empty_like(dgx) if cell == "gru" else dgx, dh=cp.empty((B, H), dtype),
+                dc=cp.empty((B, H), dtype) if cell == "lstm" else None, dhh=cp.empty((B, H), dtype),
+                g_low=gemm.Operand.buffer(cp, dgx[0], math), w_low=gemm.Operand.buffer(cp, a["w_hh"], math))
+
+
+def step_backward(cell, math, a):
+    """The backward sweep on the arrays `a`: per step, t = T-1..0, one pointwise launch, then the GEMM
+    dgh_t @ W_hh into dhh (t = 0: added into dh, which then holds dL/dh0). Capturable."""
+    cp = _cupy()
+    T, B, H = a["y"].shape
+    dtype = np.dtype(a["y"].dtype)
+    launch = _launcher(*_kernels(step_kernels(cell, dtype)[1]), B, H)
+    cp.copyto(a["dh"], a["dh_n"])
+    if cell == "lstm":
+        cp.copyto(a["dc"], a["dc_n"])
+    cp.copyto(a["dhh"], 0)                               # no step after T-1
+    w = gemm.constant(cp, a["w_hh"], math, a["w_low"])
+    products = gemm.per_step(cp, T, a["dgh"], w, a["dhh"], math, a["g_low"], into=a["dh"])
+    dy, y, dgx, dgh = a["dy"], a["y"], a["dgx"], a["dgh"]
+    carry = (a["dhh"], a["dh"])
+    steps = []
+    for t in range(T):
+        tail = (a["lengths"], np.int32(t))
+        if cell == "lstm":
+            c_prev = a["c"][t - 1] if t > 0 else a["c0"]
+            steps.append((dy[t], a["gates"][t], a["c"][t], c_prev, *carry, a["dc"], dgx[t], *tail))
+        elif cell == "gru":
+            h_prev = y[t - 1] if t > 0 else a["h0"]
+            steps.append((dy[t], a["gates"][t], a["hn"][t], h_prev, *carry, dgx[t], dgh[t], *tail))
+        else:
+            steps.append((dy[t], y[t], *carry, dgx[t], *tail))
+    for t in range(T - 1, -1, -1):
+        launch(*steps[t])
+        products[t]()
 
 
 def backward(ctx, dy, dstate_n):
@@ -173,53 +263,101 @@ def backward(ctx, dy, dstate_n):
     cell = ctx.cell
     T, B, H = ctx.y.shape
     dtype = np.dtype(ctx.y.dtype)
-    GH = ctx.w_hh.shape[0]
-    (step,) = _kernels(step_kernels(cell, dtype)[1])
-    dy = cp.ascontiguousarray(dy, dtype=dtype)
-    dh = cp.array(dstate_n[0], dtype=dtype)             # carry: dL/dh_t not yet in dhh
-    dc = cp.array(dstate_n[1], dtype=dtype) if cell == "lstm" else None
-    dhh = cp.zeros((B, H), dtype)                       # dgh_{t+1} @ W_hh
-    dgx = cp.empty((T, B, GH), dtype)
-    dgh = cp.empty_like(dgx) if cell == "gru" else dgx
-    for t in range(T - 1, -1, -1):
+    inputs = dict(dy=dy, y=ctx.y, h0=ctx.h0, lengths=ctx.lengths, w_hh=ctx.w_hh, dh_n=dstate_n[0])
+    inputs.update({"lstm": dict(gates=ctx.gates, c=ctx.c, c0=ctx.c0, dc_n=dstate_n[-1]),
+                   "gru": dict(gates=ctx.gates, hn=ctx.hn)}.get(cell, {}))
+    inputs = {k: cp.ascontiguousarray(v, dtype=np.int32 if k == "lengths" else dtype) for k, v in inputs.items()}
+    keep = ("dgx", "dh") + (("dgh",) if cell == "gru" else ()) + (("dc",) if cell == "lstm" else ())
+    key = ("cupy", "backward", cell, T, B, H, dtype.str, ctx.math, cp.cuda.Device().id)
+    out = graphs.run(cp, key, inputs, functools.partial(backward_buffers, cell, ctx.math),
+                     functools.partial(step_backward, cell, ctx.math), keep)
+    dgx = out["dgx"]
+    dgh = out["dgh"] if cell == "gru" else dgx
+    return dgx, dgh, ((out["dh"], out["dc"]) if cell == "lstm" else (out["dh"],))
+
+
+def jordan_buffers(training, math, a):
+    """hs (T, B, H) (one step of scratch in inference), y (T, B, O), state (B, O) y_{t-1}, gy (B, H) and py (B, O)
+    the GEMM outputs, the bf16 operand copies."""
+    cp = _cupy()
+    T, B, H = a["xw"].shape
+    O, dtype = a["w_hy"].shape[0], a["xw"].dtype
+    hs, state = cp.empty((T if training else 1, B, H), dtype), cp.empty((B, O), dtype)
+    low = functools.partial(gemm.Operand.buffer, cp, math=math)
+    return dict(hs=hs, y=cp.empty((T, B, O), dtype), state=state, gy=cp.empty((B, H), dtype),
+                py=cp.empty((B, O), dtype), s_low=low(state), h_low=low(hs[0]), yh_low=low(a["w_yh"].T),
+                hy_low=low(a["w_hy"].T))
+
+
+def step_jordan_forward(act, out_act, training, math, a):
+    """Per step: GEMM y_{t-1} @ W_yh.T, hidden launch, GEMM h_t @ W_hy.T, output launch. Capturable."""
+    cp = _cupy()
+    T, B, H = a["xw"].shape
+    O = a["y"].shape[2]
+    hidden, output = _kernels(*jordan_kernels(act, out_act, np.dtype(a["y"].dtype))[:2])
+    hidden, output = _launcher(hidden, B, H), _launcher(output, B, O)
+    cp.copyto(a["state"], a["y0"])
+    w_yh, w_hy = (gemm.constant(cp, a[k].T, math, a[low]) for k, low in (("w_yh", "yh_low"), ("w_hy", "hy_low")))
+    state = gemm.Operand(cp, a["state"], math, a["s_low"])
+    recurrent = gemm.Matmul(cp, state, w_yh, a["gy"], math)
+    outputs = gemm.per_step(cp, T, a["hs"], w_hy, a["py"], math, a["h_low"])    # inference: one row of hs
+    hs = a["hs"]
+    for t in range(T):
         tt = np.int32(t)
-        if cell == "lstm":
-            c_prev = ctx.c[t - 1] if t > 0 else ctx.c0
-            _launch(step, B, H, dy[t], ctx.gates[t], ctx.c[t], c_prev, dhh, dh, dc, dgx[t], ctx.lengths, tt)
-        elif cell == "gru":
-            h_prev = ctx.y[t - 1] if t > 0 else ctx.h0
-            _launch(step, B, H, dy[t], ctx.gates[t], ctx.hn[t], h_prev, dhh, dh, dgx[t], dgh[t], ctx.lengths, tt)
-        else:
-            _launch(step, B, H, dy[t], ctx.y[t], dhh, dh, dgx[t], ctx.lengths, tt)
-        cp.matmul(dgh[t], ctx.w_hh, out=dhh)
-    dh += dhh
-    return dgx, dgh, ((dh, dc) if cell == "lstm" else (dh,))
+        state.update()
+        recurrent()
+        hidden(a["xw"][t], a["gy"], hs[t % hs.shape[0]], a["lengths"], tt)
+        outputs[t]()
+        output(a["py"], a["b_y"], a["state"], a["y"][t], a["lengths"], tt)
 
 
-def jordan_forward(xw, w_yh, w_hy, b_y, y0, lengths, act, out_act, training=True):
+def jordan_forward(xw, w_yh, w_hy, b_y, y0, lengths, act, out_act, training=True, math="fp32"):
     cp = _cupy()
     dtype = _float_type(xw, "xw")
     T, B, H = xw.shape
     O = w_hy.shape[0]
-    hidden, output = _kernels(*jordan_kernels(act, out_act, dtype)[:2])
-    xw = cp.ascontiguousarray(xw)
-    b_y = cp.ascontiguousarray(b_y, dtype=dtype)
-    lengths = cp.ascontiguousarray(lengths, dtype=np.int32)
-    y0 = cp.ascontiguousarray(y0, dtype=dtype)
-    state = y0.copy()                                   # y_{t-1}
-    hs = cp.empty((T if training else 1, B, H), dtype)
-    y = cp.empty((T, B, O), dtype)
-    gy = cp.empty((B, H), dtype)                        # y_{t-1} @ W_yh.T
-    py = cp.empty((B, O), dtype)                        # h_t @ W_hy.T
-    for t in range(T):
-        h_t = hs[t if training else 0]
-        cp.matmul(state, w_yh.T, out=gy)
-        _launch(hidden, B, H, xw[t], gy, h_t, lengths, np.int32(t))
-        cp.matmul(h_t, w_hy.T, out=py)
-        _launch(output, B, O, py, b_y, state, y[t], lengths, np.int32(t))
+    inputs = {k: cp.ascontiguousarray(v, dtype=np.int32 if k == "lengths" else dtype)
+              for k, v in dict(xw=xw, w_yh=w_yh, w_hy=w_hy, b_y=b_y, lengths=lengths, y0=y0).items()}
+    key = ("cupy", "jordan_forward", act, out_act, T, B, H, O, dtype.str, training, math, cp.cuda.Device().id)
+    out = graphs.run(cp, key, inputs, functools.partial(jordan_buffers, training, math),
+                     functools.partial(step_jordan_forward, act, out_act, training, math), ("hs", "y", "state"))
     if not training:
-        return y, state, None
-    return y, state, JordanCtx(lengths, w_yh, w_hy, act, out_act, y0, hs, y)
+        return out["y"], out["state"], None
+    ctx = JordanCtx(inputs["lengths"], w_yh, w_hy, act, out_act, inputs["y0"], out["hs"], out["y"])
+    ctx.math = math
+    return out["y"], out["state"], ctx
+
+
+def jordan_backward_buffers(math, a):
+    """dph (T, B, H), dpy (T, B, O): every row written; dstate (B, O) dL/dy_{t} carried (dL/dy0 at the end); dyh
+    (B, O) dph_{t+1} @ W_yh; the bf16 operand copies."""
+    cp = _cupy()
+    T, B, O = a["y"].shape
+    H, dtype = a["h"].shape[2], a["y"].dtype
+    dph, dpy = cp.empty((T, B, H), dtype), cp.empty((T, B, O), dtype)
+    low = functools.partial(gemm.Operand.buffer, cp, math=math)
+    return dict(dph=dph, dpy=dpy, dstate=cp.empty((B, O), dtype), dyh=cp.empty((B, O), dtype),
+                ph_low=low(dph[0]), py_low=low(dpy[0]), yh_low=low(a["w_yh"]), hy_low=low(a["w_hy"]))
+
+
+def step_jordan_backward(act, out_act, math, a):
+    """Per step, t = T-1..0: output launch (dpy_t), GEMM dpy_t @ W_hy into dph_t, hidden launch (dph_t in place),
+    GEMM dph_t @ W_yh (t = 0: added into dstate, which then holds dL/dy0). Capturable."""
+    cp = _cupy()
+    T, B, O = a["y"].shape
+    H = a["h"].shape[2]
+    output, hidden = _kernels(*jordan_kernels(act, out_act, np.dtype(a["y"].dtype))[2:])
+    output, hidden = _launcher(output, B, O), _launcher(hidden, B, H)
+    cp.copyto(a["dstate"], a["dy_n"])
+    cp.copyto(a["dyh"], 0)
+    w_yh, w_hy = (gemm.constant(cp, a[k], math, a[low]) for k, low in (("w_yh", "yh_low"), ("w_hy", "hy_low")))
+    to_hidden = gemm.per_step(cp, T, a["dpy"], w_hy, a["dph"], math, a["py_low"])
+    to_state = gemm.per_step(cp, T, a["dph"], w_yh, a["dyh"], math, a["ph_low"], into=a["dstate"])
+    for t in range(T - 1, -1, -1):
+        output(a["dy"][t], a["y"][t], a["dyh"], a["dstate"], a["dpy"][t], a["lengths"], np.int32(t))
+        to_hidden[t]()
+        hidden(a["dph"][t], a["h"][t])
+        to_state[t]()
 
 
 def jordan_backward(ctx, dy, dy_n):
@@ -227,16 +365,11 @@ def jordan_backward(ctx, dy, dy_n):
     T, B, O = ctx.y.shape
     H = ctx.h.shape[2]
     dtype = np.dtype(ctx.y.dtype)
-    output, hidden = _kernels(*jordan_kernels(ctx.act, ctx.out_act, dtype)[2:])
-    dy = cp.ascontiguousarray(dy, dtype=dtype)
-    dstate = cp.array(dy_n, dtype=dtype)                # carry: dL/dy_t not yet in dyh
-    dyh = cp.zeros((B, O), dtype)                       # dph_{t+1} @ W_yh
-    dph = cp.empty((T, B, H), dtype)
-    dpy = cp.empty((T, B, O), dtype)
-    for t in range(T - 1, -1, -1):
-        _launch(output, B, O, dy[t], ctx.y[t], dyh, dstate, dpy[t], ctx.lengths, np.int32(t))
-        cp.matmul(dpy[t], ctx.w_hy, out=dph[t])
-        _launch(hidden, B, H, dph[t], ctx.h[t])
-        cp.matmul(dph[t], ctx.w_yh, out=dyh)
-    dstate += dyh
-    return dph, dpy, dstate
+    math = getattr(ctx, "math", "fp32")
+    inputs = {k: cp.ascontiguousarray(v, dtype=np.int32 if k == "lengths" else dtype)
+              for k, v in dict(dy=dy, y=ctx.y, h=ctx.h, lengths=ctx.lengths, w_yh=ctx.w_yh, w_hy=ctx.w_hy,
+                               dy_n=dy_n).items()}
+    key = ("cupy", "jordan_backward", ctx.act, ctx.out_act, T, B, H, O, dtype.str, math, cp.cuda.Device().id)
+    out = graphs.run(cp, key, inputs, functools.partial(jordan_backward_buffers, math),
+                     functools.partial(step_jordan_backward, ctx.act, ctx.out_act, math), ("dph", "dpy", "dstate"))
+    return out["dph"], out["dpy"], out["dstate"]

@@ -4,25 +4,26 @@
 #include "common.cuh"
 
 // Gates and state update, with gh = h @ W_hh^T from the GEMM just before this launch.
-//   xw_t:    (B, 3H)  step t of x @ W_ih^T + b_ih
+//   xw_t:    (B, 3H)  step t of x @ W_ih^T
 //   gh:      (B, 3H)  h @ W_hh^T (no bias)
 //   b_hh:    (3H,)
+//   b_ih:    (3H,)    added here, not in a pass over xw of its own
 //   h:       (B, H)   state in, state out (kept at padded steps)
 //   y_t:     (B, H)   h' at valid steps, 0 at padded ones
 //   gates_t: (B, 3H)  out, activated gates r, z, n (for backward)
 //   hn_t:    (B, H)   out, h W_hn^T + b_hn (for backward)
 //   lengths: (B,)     int32, steps t >= lengths[b] are padding
 template <typename T>
-__global__ void gru_forward_step(const T* xw_t, const T* gh, const T* b_hh, T* h, T* y_t, T* gates_t,
+__global__ void gru_forward_step(const T* xw_t, const T* gh, const T* b_hh, const T* b_ih, T* h, T* y_t, T* gates_t,
                                  T* hn_t, const int* lengths, int t, int B, int H) {
     const Element e = element(B, H);
     if (!e.inside) return;
     const int i = e.b * H + e.j;                 // (B, H) row-major
     const int g0 = e.b * 3 * H + e.j;            // gate 0 of column j in a (B, 3H) row; gate k at g0 + k*H
-    const T reset = Sigmoid::fwd(xw_t[g0] + gh[g0] + b_hh[e.j]);
-    const T update = Sigmoid::fwd(xw_t[g0 + H] + gh[g0 + H] + b_hh[H + e.j]);
+    const T reset = Sigmoid::fwd(xw_t[g0] + b_ih[e.j] + gh[g0] + b_hh[e.j]);
+    const T update = Sigmoid::fwd(xw_t[g0 + H] + b_ih[H + e.j] + gh[g0 + H] + b_hh[H + e.j]);
     const T hn = gh[g0 + 2 * H] + b_hh[2 * H + e.j];
-    const T cand = Tanh::fwd(xw_t[g0 + 2 * H] + reset * hn);
+    const T cand = Tanh::fwd(xw_t[g0 + 2 * H] + b_ih[2 * H + e.j] + reset * hn);
     gates_t[g0] = reset;
     gates_t[g0 + H] = update;
     gates_t[g0 + 2 * H] = cand;

@@ -3,23 +3,24 @@
 #include "common.cuh"
 
 // Gates and state update, with gh = h @ W_hh^T from the GEMM just before this launch.
-//   xw_t:    (B, 4H)  step t of x @ W_ih^T + b_ih
+//   xw_t:    (B, 4H)  step t of x @ W_ih^T
 //   gh:      (B, 4H)  h @ W_hh^T
 //   b_hh:    (4H,)
+//   b_ih:    (4H,)    added here, not in a pass over xw of its own
 //   h, c:    (B, H)   state in, state out (kept at padded steps)
 //   y_t:     (B, H)   h' at valid steps, 0 at padded ones
 //   gates_t: (B, 4H)  out, activated gates i, f, g, o (for backward)
 //   c_t:     (B, H)   out, the cell state after step t (kept value at padded steps)
 //   lengths: (B,)     int32, steps t >= lengths[b] are padding
 template <typename T>
-__global__ void lstm_forward_step(const T* xw_t, const T* gh, const T* b_hh, T* h, T* c, T* y_t,
+__global__ void lstm_forward_step(const T* xw_t, const T* gh, const T* b_hh, const T* b_ih, T* h, T* c, T* y_t,
                                   T* gates_t, T* c_t, const int* lengths, int t, int B, int H) {
     const Element e = element(B, H);
     if (!e.inside) return;
     const int i = e.b * H + e.j;                 // (B, H) row-major
     const int g0 = e.b * 4 * H + e.j;            // gate 0 of column j in a (B, 4H) row; gate k at g0 + k*H
     T p[4];
-    for (int k = 0; k < 4; ++k) p[k] = xw_t[g0 + k * H] + gh[g0 + k * H] + b_hh[k * H + e.j];
+    for (int k = 0; k < 4; ++k) p[k] = xw_t[g0 + k * H] + b_ih[k * H + e.j] + gh[g0 + k * H] + b_hh[k * H + e.j];
     const T in = Sigmoid::fwd(p[0]), forget = Sigmoid::fwd(p[1]), cand = Tanh::fwd(p[2]),
             out = Sigmoid::fwd(p[3]);
     gates_t[g0] = in;

@@ -105,21 +105,22 @@ def build(dtype):
         return dy
 
     @cuda.jit(device=True)
-    def inputs(xw, t, b, j, G):
-        """x0..x3 = xw[t, b, g*H + j] for gates g < G, 0 for the others. xw: (T, B, G*H)."""
+    def inputs(xw, b_ih, t, b, j, G):
+        """x0..x3 = xw[t, b, g*H + j] + b_ih[g*H + j] for gates g < G, 0 for the others: the input projection
+        and its bias, added here rather than in a pass of its own. xw: (T, B, G*H)  b_ih: (G*H,)."""
         H = xw.shape[2] // G
-        x1 = xw[t, b, H + j] if G > 1 else F(0)
-        x2 = xw[t, b, 2 * H + j] if G > 2 else F(0)
-        x3 = xw[t, b, 3 * H + j] if G > 3 else F(0)
-        return xw[t, b, j], x1, x2, x3
+        x1 = xw[t, b, H + j] + b_ih[H + j] if G > 1 else F(0)
+        x2 = xw[t, b, 2 * H + j] + b_ih[2 * H + j] if G > 2 else F(0)
+        x3 = xw[t, b, 3 * H + j] + b_ih[3 * H + j] if G > 3 else F(0)
+        return xw[t, b, j] + b_ih[j], x1, x2, x3
 
     @cuda.jit(device=True)
     def unit_forward(cell, act, t, b, j, valid, x0, x1, x2, x3, b_hh, r0, r1, r2, r3, h_prev, c, y, gates, cs,
                      hns):
         """One step of hidden unit (b, j); returns the state h after step t.
 
-        x0..x3: xw[t, b, g*H + j] (`inputs`), r0..r3: (h_prev @ W_hh.T)[b, g*H + j] for gate g (no bias);
-        unused gates pass 0. b_hh: (G*H,)  h_prev: the scalar h[b, j] before the step
+        x0..x3: xw[t, b, g*H + j] + b_ih[g*H + j] (`inputs`), r0..r3: (h_prev @ W_hh.T)[b, g*H + j] for gate g
+        (no bias); unused gates pass 0. b_hh: (G*H,)  h_prev: the scalar h[b, j] before the step
         c: (B, H) LSTM cell state, updated in place  y: (T, B, H)
         gates: (T, B, G*H) activated gates (Elman: y itself)  cs: (T, B, H) LSTM c after each step
         hns: (T, B, H) GRU h_prev @ W_hn.T + b_hn
@@ -162,11 +163,15 @@ def build(dtype):
         dh_in: dL/dh_t from later steps (carried part + (dG_{t+1} @ W_hh)[b, j])
         dy: (T, B, H)  y: (T, B, H)  h0, c0: (B, H)  gates, dgx, dgh: (T, B, G*H)  cs, hns: (T, B, H)
         dc: (B, H) LSTM dL/dc carried backwards, updated in place
-        Padded steps leave dgx, dgh at 0 (the caller allocates them zeroed) and pass dh, dc through.
+        Padded steps write 0 to their rows of dgx (and dgh) and pass dh, dc through.
         """
-        if not valid:
-            return dh_in
         H = y.shape[2]
+        if not valid:
+            G = dgx.shape[2] // H
+            for g in range(G):
+                dgx[t, b, g * H + j] = F(0)
+                dgh[t, b, g * H + j] = F(0)
+            return dh_in
         dh = dh_in + dy[t, b, j]
         if cell == LSTM:
             i = gates[t, b, j]
@@ -206,9 +211,10 @@ def build(dtype):
         return F(0)
 
     @cuda.jit
-    def step_forward(cell, act, t, xw, gh, b_hh, lengths, h, c, y, gates, cs, hns):
+    def step_forward(cell, act, t, xw, gh, b_hh, b_ih, lengths, h, c, y, gates, cs, hns):
         """Step t for every (b, j). gh: (B, G*H) h @ W_hh.T, computed by the GEMM before this launch;
-        h: (B, H) state, updated in place; lengths: (B,) int32; other arguments as in unit_forward."""
+        b_ih: (G*H,) (see `inputs`); h: (B, H) state, updated in place; lengths: (B,) int32; other arguments as in
+        unit_forward."""
         B, H = h.shape
         b, j = element(H)
         if b >= B:
@@ -217,7 +223,7 @@ def build(dtype):
         r1 = gh[b, H + j] if G > 1 else F(0)
         r2 = gh[b, 2 * H + j] if G > 2 else F(0)
         r3 = gh[b, 3 * H + j] if G > 3 else F(0)
-        x0, x1, x2, x3 = inputs(xw, t, b, j, G)
+        x0, x1, x2, x3 = inputs(xw, b_ih, t, b, j, G)
         h[b, j] = unit_forward(cell, act, t, b, j, t < lengths[b], x0, x1, x2, x3, b_hh, gh[b, j], r1, r2, r3,
                                h[b, j], c, y, gates, cs, hns)
 
@@ -257,7 +263,7 @@ def build(dtype):
     def jordan_output_backward(act, t, dy, y, lengths, carry, dsum, dpy):
         """dpy[t] = dL/d(y pre-activation); y_t feeds the loss (dy[t]) and step t+1 (dsum + carry).
         dy, y, dpy: (T, B, O);  dsum: (B, O) dph[t+1] @ W_yh (0 rows where step t+1 was padded);
-        carry: (B, O) dL/dy_state held across padded steps, updated in place."""
+        carry: (B, O) dL/dy_state held across padded steps, updated in place. Padded steps write dpy 0."""
         B, O = dsum.shape
         b, o = element(O)
         if b < B:
@@ -267,6 +273,7 @@ def build(dtype):
                 dpy[t, b, o] = activate_backward(act, s + dy[t, b, o], y[t, b, o])
                 carry[b, o] = F(0)
             else:
+                dpy[t, b, o] = F(0)
                 carry[b, o] = s
 
     @cuda.jit

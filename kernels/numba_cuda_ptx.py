@@ -24,9 +24,9 @@ def signatures(F):
     """Kernel name -> argument types, as the host code launches them (C-contiguous arrays of dtype F)."""
     a1, a2, a3, lens, i = F[::1], F[:, ::1], F[:, :, ::1], int32[::1], int64
     return {
-        "step_forward": (i, i, i, a3, a2, a1, lens, a2, a2, a3, a3, a3, a3),
+        "step_forward": (i, i, i, a3, a2, a1, a1, lens, a2, a2, a3, a3, a3, a3),
         "step_backward": (i, i, i, a2, a2, a3, a3, a2, a3, a3, a2, a3, lens, a2, a3, a3),
-        "persistent_forward": (i, i, i, i, a3, a2, a1, lens, a3, a3, a2, a3, a3, a3, a3),
+        "persistent_forward": (i, i, i, i, a3, a2, a1, a1, lens, a3, a3, a2, a3, a3, a3, a3),
         "persistent_backward": (i, i, i, i, a2, lens, a2, a3, a3, a2, a3, a3, a2, a3, a2, a3, a3),
         "persistent_jordan_forward": (i, i, i, i, i, i, a3, a2, a2, a1, lens, a3, a3, a3, a3),
         "persistent_jordan_backward": (i, i, i, i, i, i, a2, a2, lens, a3, a3, a3, a2, a3, a3),

@@ -303,10 +303,10 @@ def build(dtype, cell):
     NF, ACC_F, ACC_B, NS_F = fwd.local_type, fwd.acc_size, bwd.acc_size, fwd.n   # local array sizes: constants
 
     @cuda.jit(**jit_options(np.dtype(dtype).itemsize))
-    def forward(act, units, tiles, splits, xw, w_hh, b_hh, lengths, h0, hbuf, c, y, gates, cs, hns):
+    def forward(act, units, tiles, splits, xw, w_hh, b_hh, b_ih, lengths, h0, hbuf, c, y, gates, cs, hns):
         """All T forward steps. act: Elman activation code; units, tiles, splits: see the module docstring.
 
-        xw: (T, B, G*H)  w_hh: (G*H, H)  b_hh: (G*H,)  lengths: (B,) int32  h0: (1, B, H)
+        xw: (T, B, G*H)  w_hh: (G*H, H)  b_hh, b_ih: (G*H,)  lengths: (B,) int32  h0: (1, B, H)
         hbuf: (2, B, H) step t reads h_t (h0 at t = 0, else hbuf[t % 2]) and writes h_{t+1} to hbuf[(t+1) % 2]
         c: (B, H) LSTM state, updated in place  y: (T, B, H)  gates: (T, B, G*H)  cs, hns: (T, B, H)
         """
@@ -349,7 +349,7 @@ def build(dtype, cell):
                               and b < B)
                     x0 = x1 = x2 = x3 = F(0)
                     if writes:                                  # loaded before the dot product, used after it
-                        x0, x1, x2, x3 = inputs(xw, t, b, j, G)
+                        x0, x1, x2, x3 = inputs(xw, b_ih, t, b, j, G)
                     forward_sums(sm, active, split, S, U32(ug * H), xq, H, lane, warp, red, acc, sums)
                     if writes:
                         r1 = sums[1] if G > 1 else F(0)
@@ -371,7 +371,7 @@ def build(dtype, cell):
         dL/dh_t[b, k] = carried[b, k] + sum_gj dgh[t+1, b, gj] W_hh[gj, k]: block k keeps columns k0 .. of W_hh
         (rows of W_hh^T); step t = -1 only adds dgh[0] @ W_hh. w_hh: (G*H, H)  lengths: (B,) int32
         dy, y: (T, B, H)  h0, c0: (B, H)  gates, dgx, dgh: (T, B, G*H)  cs, hns: (T, B, H)  dc: (B, H) LSTM
-        dL/dc, in place. dgx, dgh arrive zeroed (padded steps leave them 0); for Elman and LSTM dgh is dgx.
+        dL/dc, in place. Padded steps write 0 to dgx, dgh; for Elman and LSTM dgh is dgx.
         """
         T = dy.shape[0]
         B = U32(dh.shape[0])

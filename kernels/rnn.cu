@@ -2,21 +2,22 @@
 // T: float | double;  Act: Tanh | Relu | Sigmoid (common.cuh).  One thread per (b, j) of a (B, H) array.
 #include "common.cuh"
 
-// h' = act(xw_t + gh + b_hh), with gh = h @ W_hh^T from the GEMM just before this launch.
-//   xw_t:    (B, H)  step t of x @ W_ih^T + b_ih
+// h' = act(xw_t + b_ih + gh + b_hh), with gh = h @ W_hh^T from the GEMM just before this launch.
+//   xw_t:    (B, H)  step t of x @ W_ih^T
 //   gh:      (B, H)  h @ W_hh^T
 //   b_hh:    (H,)
+//   b_ih:    (H,)    added here, not in a pass over xw of its own
 //   h:       (B, H)  state in, state out (kept at padded steps)
 //   y_t:     (B, H)  h' at valid steps, 0 at padded ones
 //   lengths: (B,)    int32, steps t >= lengths[b] are padding
 template <typename T, typename Act>
-__global__ void rnn_forward_step(const T* xw_t, const T* gh, const T* b_hh, T* h, T* y_t,
+__global__ void rnn_forward_step(const T* xw_t, const T* gh, const T* b_hh, const T* b_ih, T* h, T* y_t,
                                  const int* lengths, int t, int B, int H) {
     const Element e = element(B, H);
     if (!e.inside) return;
     const int i = e.b * H + e.j;          // (B, H) row-major
     if (valid_step(lengths, e.b, t)) {
-        const T h_new = Act::fwd(xw_t[i] + gh[i] + b_hh[e.j]);
+        const T h_new = Act::fwd(xw_t[i] + b_ih[e.j] + gh[i] + b_hh[e.j]);
         h[i] = h_new;
         y_t[i] = h_new;
     } else {

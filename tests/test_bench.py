@@ -22,7 +22,7 @@ def test_json_rows_are_consistent(capsys):
     result = json.loads(capsys.readouterr().out)
     assert [r["cell"] for r in result["rows"]] == ["rnn_tanh", "gru"]
     for r in result["rows"]:
-        assert (r["T"], r["B"], r["H"], r["mode"]) == (3, 2, 4, "train")
+        assert (r["T"], r["B"], r["H"], r["mode"], r["sweep"]) == (3, 2, 4, "train", "auto")
         assert r["gflops"] == pytest.approx(bench.gemm_flops(r["cell"], 3, 2, 4) / r["ours_ms"] / 1e6)
         if r["peer_ms"] is not None:
             assert r["ratio"] == pytest.approx(r["ours_ms"] / r["peer_ms"])
@@ -72,3 +72,16 @@ def test_bad_size_is_refused(capsys):
         bench.main(["--sizes", "2,1"])
     assert exit_.value.code == 2
     assert "T,B,H" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend, sweeps", [("numpy", ["step"]), ("cupy", ["persistent"])])
+def test_sweep_is_checked_against_the_backend(capsys, backend, sweeps):
+    assert bench.main(["--backend", backend, "--sweep", *sweeps]) == 2
+    assert "--sweep for backend" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not gpu_available(), reason="times the numba backend's sweeps on a GPU")
+def test_step_and_persistent_side_by_side(capsys):
+    assert bench.main(["--backend", "numba", "--sweep", "step", "persistent", "--cells", "gru", "--sizes", "4,2,8",
+                       "--repeats", "1", "--mode", "inference", "--json"]) == 0
+    assert [r["sweep"] for r in json.loads(capsys.readouterr().out)["rows"]] == ["step", "persistent"]

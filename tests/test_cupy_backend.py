@@ -9,7 +9,7 @@ import pytest
 
 import gpurnn
 from gpurnn import backend
-from gpurnn.kernels import ACTIVATIONS, CELLS, cuda_host, cupy_raw
+from gpurnn.kernels import ACTIVATIONS, CELLS, cuda_host, cupy_raw, graphs
 from util import BACKENDS, device_of, make_layer, random_problem, to_device, to_numpy
 
 pytestmark = pytest.mark.skipif("cupy" not in BACKENDS, reason="needs a CUDA GPU with CuPy, or GPURNN_CUDA_HOST=1")
@@ -97,8 +97,10 @@ def test_jordan_matches_reference(act, out_act, dtype):
 
 
 def clear_compiled():
+    """Forget the compiled module, and the CUDA graphs captured with its kernels."""
     cupy_raw._kernel.cache_clear()
     cupy_raw._module.cache_clear()
+    graphs.clear()
 
 
 @pytest.fixture

@@ -16,7 +16,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered", "ign
 
 
 def build(cell, backend, dtype, **kwargs):
-    return make_layer(cell, I, H, backend=backend, dtype=dtype, seed=0, **kwargs).to(device_of(backend))
+    """The layer where its backend's arrays live, with the NaN/Inf checks on (off by default on a GPU)."""
+    layer = make_layer(cell, I, H, backend=backend, dtype=dtype, seed=0, **kwargs).to(device_of(backend))
+    if device_of(backend) == "cuda":
+        layer.check_finite = True
+    return layer
 
 
 def data(layer, scale=1.0, seed=1):

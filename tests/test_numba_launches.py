@@ -1,36 +1,12 @@
-"""Kernel launches per sweep, counted under the simulator by wrapping its two launchers (Numba's own, and
-numba_sim.launch for cooperative grids): a persistent sweep is ONE launch per layer and direction, forward and
-backward; a per-step sweep is one pointwise launch per step."""
-import collections
-
+"""Kernel launches per sweep, counted under the simulator by the `launches` fixture (conftest.py): a persistent sweep
+is ONE launch per layer and direction, forward and backward; a per-step sweep is one pointwise launch per step."""
 import numpy as np
 import pytest
-from numba.cuda.simulator import kernel as sim_kernel
 
 from gpurnn.kernels import numba_cuda as N
-from gpurnn.kernels import numba_sim
 from util import make_layer, random_problem
 
 pytestmark = pytest.mark.skipif(not N.simulator(), reason="counts the simulator's launches")
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """A Counter of kernel names, filled by every kernel launch (device-function calls are not launches)."""
-    counter = collections.Counter()
-    numba_call, sim_launch = sim_kernel.FakeCUDAKernel.__call__, numba_sim.launch
-
-    def counted_call(self, *args):
-        if not self._device and sim_kernel._get_kernel_context() is None:
-            counter[self.fn.__name__] += 1
-        return numba_call(self, *args)
-
-    def counted_launch(kernel, *args, **kwargs):
-        counter["persistent_" + kernel.py_func.__name__] += 1
-        return sim_launch(kernel, *args, **kwargs)
-    monkeypatch.setattr(sim_kernel.FakeCUDAKernel, "__call__", counted_call)
-    monkeypatch.setattr(numba_sim, "launch", counted_launch)
-    return counter
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
