@@ -434,9 +434,14 @@ def _allocator(workspace):
     return np.empty if workspace is None else workspace.empty
 
 
-def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, b_ih=None, workspace=None):
-    if xw.dtype != np.float32:
-        return numpy_ref.forward(cell, xw, w_hh, b_hh, state0, lengths, training, b_ih=b_ih)
+FEATURES = numpy_ref.FEATURES
+
+
+def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, b_ih=None, t0=0, ln=None, zoneout=None, w_hr=None,
+            workspace=None):
+    if xw.dtype != np.float32 or t0 or ln is not None or zoneout is not None or w_hr is not None:
+        return numpy_ref.forward(cell, xw, w_hh, b_hh, state0, lengths, training, b_ih=b_ih, t0=t0, ln=ln,
+                                 zoneout=zoneout, w_hr=w_hr)
     empty = _allocator(workspace)
     T, B, GH = xw.shape
     H = w_hh.shape[1]
@@ -474,9 +479,9 @@ def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, b_ih=None, wor
     return y, state_n, ctx
 
 
-def backward(ctx, dy, dstate_n):
+def backward(ctx, dy, dstate_n, dparams=None):
     if not isinstance(ctx, FusedCtx):
-        return numpy_ref.backward(ctx, dy, dstate_n)
+        return numpy_ref.backward(ctx, dy, dstate_n, dparams)
     empty = _allocator(ctx.workspace)
     cell, lengths, w_t = ctx.cell, ctx.lengths, ctx.w_hh.T   # w_t: (H, GH) view
     T, B, H = ctx.y.shape

@@ -40,14 +40,15 @@ def random_problem(layer, T, B, rng, ragged=False):
     D, L, H = layer.num_directions, layer.num_layers, layer.hidden_size
     dt = layer.dtype
     x = rng.standard_normal((B, T, layer.input_size) if layer.batch_first else (T, B, layer.input_size)).astype(dt)
-    shape = (L * D, B, H)
+    P = getattr(layer, "state_size", H)                   # h's size (an LSTM's proj_size), c's is H
     lstm = layer.cell == "lstm"
-    state = tuple(rng.standard_normal(shape).astype(dt) for _ in range(2 if lstm else 1))
-    dstate = tuple(rng.standard_normal(shape).astype(dt) for _ in range(2 if lstm else 1))
+    shapes = [(L * D, B, P)] + ([(L * D, B, H)] if lstm else [])
+    state = tuple(rng.standard_normal(shape).astype(dt) for shape in shapes)
+    dstate = tuple(rng.standard_normal(shape).astype(dt) for shape in shapes)
     lengths = rng.integers(1, T + 1, size=B) if ragged else None
     if ragged:
         lengths[0] = T
-    y_shape = (B, T, D * H) if layer.batch_first else (T, B, D * H)
+    y_shape = (B, T, D * P) if layer.batch_first else (T, B, D * P)
     dy = rng.standard_normal(y_shape).astype(dt)
     unpack = (lambda s: s) if lstm else (lambda s: s[0])
     return x, unpack(state), lengths, dy, unpack(dstate)
