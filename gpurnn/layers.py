@@ -178,14 +178,14 @@ class _Recurrent(Module):
                 f"cell={self.cell!r}, bidirectional={self.num_directions == 2}{options}, dtype={self.dtype.name}, "
                 f"device={self.device!r})")
 
-    def _state_shapes(self, batch):
+    def state_shapes(self, batch):
         """The (L*D, B, .) shapes of the state's parts: h (P wide), and c (H wide) for the LSTM."""
         LD = self.num_layers * self.num_directions
         return [(LD, batch, self.state_size)] + ([(LD, batch, self.hidden_size)] if self.cell == "lstm" else [])
 
     def _check_state(self, state, batch, name):
         """`state` as a tuple of (L*D, B, .) arrays (h, or h and c for the LSTM); zeros when None."""
-        shapes = self._state_shapes(batch)
+        shapes = self.state_shapes(batch)
         parts = ("h", "c") if self.cell == "lstm" else ("h",)
         if state is None:
             return tuple(self.xp.zeros(shape, self.dtype) for shape in shapes)
