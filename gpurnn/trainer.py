@@ -98,6 +98,12 @@ def all_finite(state):
     return all(bool(array_module(s).isfinite(s).all()) for s in parts)
 
 
+def model_rng_state(model):
+    """The generators of the model's modules (their dropout, zoneout and weight_drop masks), or None for a model
+    without them."""
+    return model.rng_state() if hasattr(model, "rng_state") else None
+
+
 def config_differences(saved, mine):
     """The keys in which two model configs differ. A config from before the recurrent options (gpurnn.models.
     RNN_OPTIONS) holds their defaults; `memory` changes no result (checkpointed gradients are full ones bit for bit),
@@ -393,7 +399,8 @@ class Trainer:
                 (getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name))}
 
     def state_dict(self):
-        """Everything needed to continue exactly: parameters, optimizer, RNGs, data position, carried state.
+        """Everything needed to continue exactly: parameters, optimizer, RNGs (the trainer's, the sampler's and the
+        model's modules', which draw dropout, zoneout and weight_drop masks), data position, carried state.
         Distributed: the whole batch's carried state, gathered from every rank (so every rank must call it), and no
         other per-rank state, so a run resumes on any number of ranks."""
         model = self.model
@@ -402,7 +409,7 @@ class Trainer:
         return dict(model_config=getattr(model, "config", {"kind": type(model).__name__}),
                     model=model.state_dict(), optimizer=self.optimizer.state_dict(),
                     trainer=dict(step=self.step, updates=self.updates, skipped=self.skipped,
-                                 rng=self.rng.bit_generator.state,
+                                 rng=self.rng.bit_generator.state, model_rng=model_rng_state(model),
                                  sample_rng=None if sample_rng is None else sample_rng.bit_generator.state,
                                  state=map_state(lambda s: to_host(s, copy=True), state),
                                  history=list(self.history), tbptt=self.tbptt, stateful=self.stateful))
@@ -435,6 +442,8 @@ class Trainer:
         try:
             self.model.load_state_dict(sd["model"])
             self.optimizer.load_state_dict(sd["optimizer"])
+            if t.get("model_rng") is not None and model_rng_state(self.model) is not None:
+                self.model.load_rng_state(t["model_rng"])      # dropout, zoneout and weight_drop masks go on alike
         except (TypeError, ValueError):
             self.model.load_state_dict(model_before)
             self.optimizer.load_state_dict(optimizer_before)
