@@ -109,7 +109,8 @@ class SequenceModel(Module):
         return self._modules
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self._config.items() if k not in ("kind", "vocab"))
+        args = ", ".join(f"{k}={v!r}" for k, v in self._config.items() if k not in ("kind", "vocab") and
+                         (k not in RNN_OPTIONS or v != RNN_OPTIONS[k]))
         return f"{type(self).__name__}({args})"
 
     def recurrent_blocks(self, embedding="embedding", rnn="rnn"):
