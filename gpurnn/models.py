@@ -58,6 +58,10 @@ def rnn_options(cell, zoneout, weight_drop, proj_size, memory):
                 proj_size=proj_size, memory=checks.choice(memory, "memory", ("full", "checkpoint")))
 
 
+def rnn_kwargs(zoneout, weight_drop, proj_size, memory):
+    return dict(zoneout=zoneout, weight_drop=weight_drop, proj_size=proj_size, memory=memory)
+
+
 def is_lstm(cell):
     return cell in ("lstm", "lnlstm")
 
@@ -161,7 +165,7 @@ class Tagger(SequenceModel):
         config = model_config(type(self).__name__, dict(input_size=(input_size, False),
                               hidden_size=(hidden_size, False), output_size=(output_size, False),
                               embedding_dim=(embedding_dim, True)), cell, num_layers, dropout, dtype,
-                              dict(zoneout=zoneout, weight_drop=weight_drop, proj_size=proj_size, memory=memory),
+                              rnn_kwargs(zoneout, weight_drop, proj_size, memory),
                               batch_first=checks.flag(batch_first, "batch_first"))
         super().__init__(config, build_stack(config, backend, seed))
 
@@ -270,7 +274,7 @@ class Classifier(SequenceModel):
                  weight_drop=0.0, proj_size=0, memory="full"):
         config = model_config("Classifier", dict(input_size=(input_size, False), hidden_size=(hidden_size, False),
                               output_size=(output_size, False), embedding_dim=(embedding_dim, True)),
-                              cell, num_layers, dropout, dtype, dict(zoneout=zoneout, weight_drop=weight_drop, proj_size=proj_size, memory=memory),
+                              cell, num_layers, dropout, dtype, rnn_kwargs(zoneout, weight_drop, proj_size, memory),
                               batch_first=checks.flag(batch_first, "batch_first"))
         super().__init__(config, build_stack(config, backend, seed))
 
@@ -352,7 +356,7 @@ class Generator(SequenceModel):
                  weight_drop=0.0, proj_size=0, memory="full"):
         c = model_config("Generator", dict(input_size=(input_size, False), hidden_size=(hidden_size, False),
                          vocab_size=(vocab_size, False), embedding_dim=(embedding_dim, False)),
-                         cell, num_layers, dropout, dtype, dict(zoneout=zoneout, weight_drop=weight_drop, proj_size=proj_size, memory=memory))
+                         cell, num_layers, dropout, dtype, rnn_kwargs(zoneout, weight_drop, proj_size, memory))
         s = sub_seeds(seed, 2)
         P = c["proj_size"] or c["hidden_size"]
         parts = {"init": Linear(c["input_size"], c["num_layers"] * P, dtype=dtype, seed=s[0])}
@@ -402,7 +406,7 @@ class Seq2Seq(SequenceModel):
                  weight_drop=0.0, proj_size=0, memory="full"):
         c = model_config("Seq2Seq", dict(src_vocab=(src_vocab, False), tgt_vocab=(tgt_vocab, False),
                          hidden_size=(hidden_size, False), embedding_dim=(embedding_dim, False)),
-                         cell, num_layers, dropout, dtype, dict(zoneout=zoneout, weight_drop=weight_drop, proj_size=proj_size, memory=memory))
+                         cell, num_layers, dropout, dtype, rnn_kwargs(zoneout, weight_drop, proj_size, memory))
         s = sub_seeds(seed, 4)
         E, H, L = c["embedding_dim"], c["hidden_size"], c["num_layers"]
         parts = {"src_embedding": Embedding(c["src_vocab"], E, dtype=dtype, seed=s[0]),

@@ -321,6 +321,18 @@ def zoneout_split(d, d_new, zo, t, b):
 
 
 @inline
+def carry(d, gate, d_new, zo):
+    """What goes on to the step before through a gate: d (n,) = gate d_new, plus the k d_t zoneout_split left in d
+    under zo (without zo, d_new is d itself)."""
+    if zo is None:
+        for j in range(d.shape[0]):
+            d[j] *= gate[j]
+    else:
+        for j in range(d.shape[0]):
+            d[j] += gate[j] * d_new[j]
+
+
+@inline
 def row_stats(v):
     """mean and 1 / sqrt(var + LN_EPS) of v (n,), biased variance, two passes."""
     n = F32(v.shape[0])
@@ -599,19 +611,15 @@ def lstm_backward_step(g, c, c_prev, dy, lengths, t, dh_in, dh_acc, dc_acc, dg, 
                 m1, m2 = s1 / F32(H), s2 / F32(H)
                 for j in range(H):
                     dct[j] += rstd_c * (di[j] - m1 - (ct[j] - mean_c) * rstd_c * m2)
-            # c~ = f c_prev + i g: di = dc~ g, df = dc~ c_prev, dg = dc~ i, dc_prev = dc~ f; times each gate's derivative
+            # c~ = f c_prev + i g: di = dc~ g, df = dc~ c_prev, dg = dc~ i, dc_prev = dc~ f; times each gate's
+            # derivative
             for j in range(H):
                 di[j] = dct[j] * gg[j] * i[j] * (ONE - i[j])
             for j in range(H):
                 df[j] = dct[j] * cpb[j] * f[j] * (ONE - f[j])
             for j in range(H):
                 dgg[j] = dct[j] * i[j] * (ONE - gg[j] * gg[j])
-            if zo_c is None:
-                for j in range(H):
-                    dc[j] *= f[j]
-            else:
-                for j in range(H):
-                    dc[j] += f[j] * dct[j]
+            carry(dc, f, dct, zo_c)                         # dc_prev = f dc~ (+ k dc_t)
             if dm_in is None and zo_h is None:
                 dh_acc[b, :] = ZERO
             if ln is not None:                              # a = LN(xw) + LN(h W_hh^T) + b: da -> raw rows
@@ -649,12 +657,7 @@ def gru_backward_step(g, hn, h_prev, dy, lengths, t, dh_in, dh_acc, dgx, dgh, ln
                 dz[j] = dt[j] * (hpb[j] - n[j]) * z[j] * (ONE - z[j])
             for j in range(H):
                 dr[j] = dn[j] * hnb[j] * r[j] * (ONE - r[j])   # n = tanh(xn + r hn): dr = dn hn, d(hn) = dn r
-            if zo_h is None:
-                for j in range(H):
-                    dh[j] *= z[j]
-            else:
-                for j in range(H):
-                    dh[j] += dt[j] * z[j]
+            carry(dh, z, dt, zo_h)                          # dh_prev = z dh~ (+ k dh_t) + GEMM
             dhb[:2 * H] = dxb[:2 * H]
             for j in range(H):
                 dhb[2 * H + j] = dn[j] * r[j]

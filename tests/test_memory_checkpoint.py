@@ -9,8 +9,8 @@ import pytest
 
 import gpurnn
 from gpurnn import segments
-from test_variants_reference import VARIANTS, as_tuple
-from util import make_layer, random_problem
+from test_variants_reference import VARIANTS
+from util import as_tuple, make_layer, random_problem
 
 CASES = {**{cell: (None, {}) for cell in ("lstm", "gru", "rnn_tanh")}, **VARIANTS}
 

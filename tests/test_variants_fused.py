@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from gpurnn.kernels import cpu_fused, numpy_ref
-from test_variants_reference import VARIANTS, as_tuple, make
-from util import random_problem
+from test_variants_reference import VARIANTS, make
+from util import as_tuple, random_problem
 
 RTOL, ATOL = 3e-4, 3e-5
 
@@ -16,7 +16,9 @@ RTOL, ATOL = 3e-4, 3e-5
 def run(layer, problem, training):
     x, state, lengths, dy, dstate = problem
     dt = layer.dtype
-    cast = lambda a: None if a is None else tuple(v.astype(dt) for v in a) if isinstance(a, tuple) else a.astype(dt)  # noqa: E731
+
+    def cast(a):
+        return None if a is None else tuple(v.astype(dt) for v in a) if isinstance(a, tuple) else a.astype(dt)
     y, state_n, ctx = layer.forward(cast(x), cast(state), lengths, training=training)
     if not training:
         return [y] + list(as_tuple(state_n))

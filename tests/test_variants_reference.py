@@ -7,7 +7,7 @@ import pytest
 
 import gpurnn
 from gpurnn.kernels import Zoneout, cpu_fused, numpy_ref
-from util import numeric_grad, random_problem
+from util import as_tuple, check_layer_gradients, random_problem
 
 # (class, options): every variant, alone and together, on the cells that take it
 VARIANTS = {
@@ -29,43 +29,13 @@ def make(name, **kwargs):
     return cls(3, 3, **{**options, **kwargs})
 
 
-def as_tuple(v):
-    return v if isinstance(v, tuple) else (v,)
-
-
-def fixed_masks(layer):
-    """forward(*args) in training mode, drawing the same masks and seeds at every call (the generator re-seeded)."""
-    state = layer.rng.bit_generator.state
-
-    def forward(*args):
-        layer.rng.bit_generator.state = state
-        return layer.forward(*args, training=True)
-    return forward
-
-
-def check_training_gradients(layer, x, state, lengths, dy, dstate):
-    forward = fixed_masks(layer)
-
-    def loss():
-        y, state_n, _ = forward(x, state, lengths)
-        return float((y * dy).sum() + sum((s * d).sum() for s, d in zip(as_tuple(state_n), as_tuple(dstate))))
-
-    _, _, ctx = forward(x, state, lengths)
-    dx, dstate0 = layer.backward(ctx, dy, dstate)
-    for name, p in layer.params.items():
-        np.testing.assert_allclose(layer.grads[name], numeric_grad(loss, p), rtol=1e-5, atol=1e-7, err_msg=name)
-    np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=1e-5, atol=1e-7, err_msg="x")
-    for i, (s, ds) in enumerate(zip(as_tuple(state), as_tuple(dstate0))):
-        np.testing.assert_allclose(ds, numeric_grad(loss, s), rtol=1e-5, atol=1e-7, err_msg=f"state[{i}]")
-
-
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("num_layers,bidirectional,ragged,memory", [
     (1, False, False, "full"), (2, True, True, "full"), (2, True, True, "checkpoint")])
 def test_gradients_match_finite_differences(name, num_layers, bidirectional, ragged, memory):
     layer = make(name, num_layers=num_layers, bidirectional=bidirectional, dtype="float64", seed=3, memory=memory,
                  segment_steps=2)
-    check_training_gradients(layer, *random_problem(layer, T=5, B=3, rng=np.random.default_rng(7), ragged=ragged))
+    check_layer_gradients(layer, *random_problem(layer, T=5, B=3, rng=np.random.default_rng(7), ragged=ragged))
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -73,7 +43,7 @@ def test_layer_norm_gradients_without_bias(batch_first):
     layer = gpurnn.LayerNormGRU(3, 4, bias=False, batch_first=batch_first, dtype="float64", seed=1)
     for p in layer.params.values():          # gains away from 1, so a wrong gamma gradient cannot hide
         p += np.random.default_rng(2).uniform(-0.5, 0.5, p.shape)
-    check_training_gradients(layer, *random_problem(layer, T=4, B=2, rng=np.random.default_rng(5), ragged=True))
+    check_layer_gradients(layer, *random_problem(layer, T=4, B=2, rng=np.random.default_rng(5), ragged=True))
 
 
 def one_step(plain, x_t, state):

@@ -81,3 +81,30 @@ def assert_same(a, b):
         assert np.isnan(b)
     else:
         assert a == b and type(a) is type(b) or isinstance(a, np.generic) and a.item() == b
+
+
+def as_tuple(v):
+    return v if isinstance(v, tuple) else (v,)
+
+
+def check_layer_gradients(layer, x, state, lengths, dy, dstate):
+    """layer.backward's gradients of L = <y, dy> + <state_n, dstate> against central differences of L, every
+    forward in training mode with the same random draws (dropout, zoneout and weight_drop masks): the layer's
+    generator is re-seeded before each."""
+    rng_state = layer.rng.bit_generator.state
+
+    def forward():
+        layer.rng.bit_generator.state = rng_state
+        return layer.forward(x, state, lengths, training=True)
+
+    def loss():
+        y, state_n, _ = forward()
+        return float((y * dy).sum() + sum((s * d).sum() for s, d in zip(as_tuple(state_n), as_tuple(dstate))))
+
+    _, _, ctx = forward()
+    dx, dstate0 = layer.backward(ctx, dy, dstate)
+    for name, p in layer.params.items():
+        np.testing.assert_allclose(layer.grads[name], numeric_grad(loss, p), rtol=1e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=1e-5, atol=1e-7, err_msg="x")
+    for i, (s, ds) in enumerate(zip(as_tuple(state), as_tuple(dstate0))):
+        np.testing.assert_allclose(ds, numeric_grad(loss, s), rtol=1e-5, atol=1e-7, err_msg=f"state[{i}]")
