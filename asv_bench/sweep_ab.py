@@ -1,10 +1,21 @@
 """A/B timing of the fused CPU sweeps (kernels/cpu_fused.py) of a git revision against the working tree.
 
-    python asv_bench/sweep_ab.py [REV] [--repeats N] [--sizes T,B,H ...]   (from the repository root)
+    python asv_bench/sweep_ab.py [REV] [--repeats N] [--sizes T,B,H ...] [--cells CELL ...]   (repository root)
+
+The CPU sweep times before and after the exact float32 activations (issue 15), every cell, forward and backward,
+side by side: ea2b864 is the last commit with the former rational activations (read with `git show`, so a
+shallow clone needs that commit fetched):
+
+    python asv_bench/sweep_ab.py ea2b864 --cells rnn_tanh rnn_relu rnn_sigmoid lstm gru
+
+"new" is the working tree, so that times everything since ea2b864, the step-kernel rework included; the same
+command in a checkout of 1d380cb (the activations' last commit before that rework) times the activations alone.
 
 Both versions load into one process and alternate call by call (order flipped every round), so load from other
-processes hits both alike; reported per cell, size and direction: median ms of each, new / old of the medians and of
-the minima (the minimum is the steadier figure on a busy machine).
+processes hits both alike; reported per cell, size and direction: median ms of each ("old" is REV, "new" the
+working tree), new / old of the medians and of the minima (the minimum is the steadier figure on a busy machine).
+Run it on an otherwise idle machine; the first round of each version compiles (Numba) and is not timed.
+`gpurnn bench --profile` splits the current code's training step into its parts, the sweeps among them.
 """
 import argparse
 import importlib.util

@@ -323,6 +323,8 @@ class BCEWithLogitsLoss(ElementwiseLoss):
     @staticmethod
     def elementwise(x, y):
         xp = array_module(x)
-        losses = xp.maximum(x, 0) - x * y + xp.log1p(xp.exp(-xp.abs(x)))
-        # d/dx = s(x) - y,  s(x) = (1 + tanh(x/2)) / 2 without overflow
-        return losses, 0.5 * (1 + xp.tanh(0.5 * x)) - y
+        e = xp.exp(-xp.abs(x))                                         # e^-|x| in (0, 1]: never overflows
+        losses = xp.maximum(x, 0) - x * y + xp.log1p(e)
+        # d/dx = s(x) - y,  s(x) = 1 / (1 + e) for x >= 0 and e / (1 + e) for x < 0: relatively accurate for every
+        # x, also where s(x) is tiny (from 1 + tanh(x/2) it would keep only the digits that survive the cancellation)
+        return losses, xp.where(x < 0, e, xp.ones_like(e)) / (1 + e) - y

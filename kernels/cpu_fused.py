@@ -250,10 +250,11 @@ def tanh_row(a):
 
 
 @inline
-def dh_row(dh, dh_in, b, dy):
-    """dh (H,) += dh_in[:, b] + dy (H,): what reaches h_t, the GEMM's feature-major dh_in (H, B) read strided."""
+def dh_row(dh, dh_in, b, dy, carried):
+    """dh (H,) += dh_in[:, b] + dy (H,): what reaches h_t, the GEMM's feature-major dh_in (H, B) read strided;
+    dh_in only when `carried` (step t+1 of row b was valid: a padded step's 0 * W_hh is NaN if W_hh holds NaN)."""
     for j in range(dh.shape[0]):
-        dh[j] += dh_in[j, b] + dy[j]
+        dh[j] += (dh_in[j, b] if carried else ZERO) + dy[j]
 
 
 # ---- the variants' row helpers (definitions in kernels/__init__.py). A variant reaches a step kernel as an argument
@@ -525,7 +526,7 @@ def elman_backward_step(code, y, dy, lengths, t, dh_in, dh_acc, dg, zo_h):
         dgb = dg[b]
         if t < lengths[b]:
             dh, yb = dh_acc[b], y[b]
-            dh_row(dh, dh_in, b, dy[b])
+            dh_row(dh, dh_in, b, dy[b], t + 1 < lengths[b])
             if zo_h is None:
                 for j in range(H):
                     dgb[j] = dh[j] * act_grad(code, yb[j])      # h = act(p): dp = dh act'(p)
@@ -546,7 +547,7 @@ def h_backward_step(dy, lengths, t, dh_in, dh_acc, dh_new, zo_h):
     for b in prange(B):
         if t < lengths[b]:
             dh = dh_acc[b]
-            dh_row(dh, dh_in, b, dy[b])
+            dh_row(dh, dh_in, b, dy[b], t + 1 < lengths[b])
             if zo_h is None:
                 dh_new[b] = dh
                 dh[:] = ZERO
@@ -573,7 +574,7 @@ def lstm_backward_step(g, c, c_prev, dy, lengths, t, dh_in, dh_acc, dc_acc, dg, 
             cb, cpb = c[b], c_prev[b]
             if dm_in is None:
                 dm = dh_acc[b]
-                dh_row(dm, dh_in, b, dy[b])
+                dh_row(dm, dh_in, b, dy[b], t + 1 < lengths[b])
                 if zo_h is not None:                        # h_t = k h_{t-1} + (1 - k) h~
                     zoneout_split(dm, scratch[b, H:2 * H], zo_h, t, b)
                     dm = scratch[b, H:2 * H]
@@ -645,7 +646,7 @@ def gru_backward_step(g, hn, h_prev, dy, lengths, t, dh_in, dh_acc, dgx, dgh, ln
             r, z, n = gb[:H], gb[H:2 * H], gb[2 * H:]
             dr, dz, dn = dxb[:H], dxb[H:2 * H], dxb[2 * H:]
             hnb, hpb = hn[b], h_prev[b]
-            dh_row(dh, dh_in, b, dy[b])
+            dh_row(dh, dh_in, b, dy[b], t + 1 < lengths[b])
             dt = dh
             if zo_h is not None:                            # h_t = k h_{t-1} + (1 - k) h~
                 dt = scratch[b]
@@ -838,7 +839,7 @@ def backward(ctx, dy, dstate_n, dparams=None):
             else:
                 elman_backward_step[par](code, ctx.y[s], dy[s], lengths, t, dh_in, dh_acc, dgx[s], zo_h)
             np.matmul(w_t, dgh[s].T, out=dh_in)
-    dh_acc += dh_in.T
+    dh_acc += np.where((ctx.t0 < lengths)[:, None], dh_in.T, ZERO)   # a run's first step may be padded (t0 > 0)
     if dparams is not None:
         names = ("gamma_ih", "gamma_hh") + (("bias_ih", "gamma_c", "beta_c") if cell == "lstm" else
                                             ("bias_ih", "bias_hh"))

@@ -5,17 +5,15 @@ import pytest
 
 import gpurnn
 from gpurnn import models, nn
-from gpurnn.backend import cuda_simulator, gpu_available, to_host
-from util import CELLS, make_layer
+from gpurnn.backend import to_host
+from util import CELLS, KERNEL_BACKENDS as BACKENDS, device_of, make_layer
 
-BACKENDS = ["numpy"] + (["numba"] if cuda_simulator() or gpu_available() else []) + \
-    (["cupy"] if gpu_available() else [])
 T, B, I, H = 3, 2, 3, 4
 USED = "this ctx was already used by backward; pass retain=True to forward"
 
 
 def on(module, backend):
-    return module.to("cuda") if backend != "numpy" and not cuda_simulator() else module
+    return module.to(device_of(backend))
 
 
 def problem(module, x_shape, y_shape, state_shapes=(), seed=0):

@@ -162,6 +162,27 @@ def test_elementwise_loss_matches_torch(kind, reduction):
     np.testing.assert_allclose(loss_fn.backward(ctx), pt.grad.numpy(), rtol=1e-10, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_bce_gradient_is_relatively_accurate_at_large_logits(dtype):
+    """Target 0: the gradient is sigmoid(x) itself, tiny for large negative x; it matches torch's to a few ulp of
+    its own size (not of 1) from |x| = 1e-3 to where sigmoid underflows, and the loss matches too. Targets in
+    (0, 1): sigmoid(x) - y, to an ulp of 1."""
+    torch = pytest.importorskip("torch")
+    eps = float(np.finfo(dtype).eps)
+    big = {"float32": 87.0, "float64": 700.0}[dtype]     # sigmoid(-big) is still a normal number
+    mags = np.geomspace(1e-3, big, 400)
+    x = np.concatenate([-mags[::-1], [0.0], mags]).astype(dtype)
+    rng = np.random.default_rng(9)
+    for target, atol in ((np.zeros_like(x), 0.0), (rng.random(x.shape).astype(dtype), 2 * eps)):
+        loss_fn = BCEWithLogitsLoss(reduction="sum")
+        loss, ctx = loss_fn.forward(x, target)
+        xt = torch.tensor(x, requires_grad=True)
+        lt = torch.nn.functional.binary_cross_entropy_with_logits(xt, torch.tensor(target), reduction="sum")
+        lt.backward()
+        np.testing.assert_allclose(loss, lt.item(), rtol=1e-6 if dtype == "float32" else 1e-12)
+        np.testing.assert_allclose(loss_fn.backward(ctx), xt.grad.numpy(), rtol=4 * eps, atol=atol)
+
+
 @pytest.mark.parametrize("make", [lambda: SoftmaxCrossEntropy(), MSELoss, BCEWithLogitsLoss])
 def test_float32_losses_follow_float64(make):
     rng = np.random.default_rng(8)

@@ -5,22 +5,18 @@ import pytest
 
 import gpurnn
 from gpurnn import checks, models, nn, optim
-from gpurnn.backend import cuda_simulator, gpu_available, to_host
+from gpurnn.backend import to_host
 from gpurnn.checks import NonFiniteError
 from gpurnn.trainer import Trainer
-from util import CELLS, make_layer
+from util import CELLS, KERNEL_BACKENDS as BACKENDS, device_of, make_layer
 
-# numba runs on NumPy arrays in the simulator; with a GPU every backend runs on the device
-BACKENDS = ["numpy"] + (["numba"] if cuda_simulator() or gpu_available() else []) + \
-    (["cupy"] if gpu_available() else [])
 DTYPES = ["float32", "float64"]
 T, B, I, H = 3, 2, 3, 3
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")
 
 
 def build(cell, backend, dtype, **kwargs):
-    layer = make_layer(cell, I, H, backend=backend, dtype=dtype, seed=0, **kwargs)
-    return layer.to("cuda") if backend != "numpy" and not cuda_simulator() else layer
+    return make_layer(cell, I, H, backend=backend, dtype=dtype, seed=0, **kwargs).to(device_of(backend))
 
 
 def data(layer, scale=1.0, seed=1):
@@ -95,9 +91,8 @@ def test_overflow_in_backward_raises_before_accumulating(backend, cell, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_jordan(backend):
-    layer = gpurnn.JordanRNN(I, H, 2, nonlinearity="relu", output_nonlinearity="identity", backend=backend, seed=0)
-    if backend != "numpy" and not cuda_simulator():
-        layer.to("cuda")
+    layer = gpurnn.JordanRNN(I, H, 2, nonlinearity="relu", output_nonlinearity="identity", backend=backend,
+                             seed=0).to(device_of(backend))
     p, x = layer.params, layer.xp.ones((T, B, I), np.float32)
     p["weight_yh"][0, 0] = np.nan
     with pytest.raises(NonFiniteError, match="weight_yh contains NaN or Inf"):

@@ -2,67 +2,20 @@
 import numpy as np
 import pytest
 
-from gpurnn.backend import cuda_simulator
-from util import CELLS, device_of, make_layer, random_problem, to_device, to_numpy
-
-N_SIM = cuda_simulator()
+import torch_oracle
+from gpurnn.kernels import GATES
+from util import CELLS, KERNEL_BACKENDS, device_of, layer_outputs, make_layer, random_problem
 
 torch = pytest.importorskip("torch")
 
 
-def torch_twin(layer):
-    """torch's module of the same kind, holding the gpurnn layer's weights."""
-    kind = layer.cell.split("_")[0].upper()
-    kwargs = {"nonlinearity": layer.nonlinearity} if kind == "RNN" else {}
-    module = getattr(torch.nn, kind)(layer.input_size, layer.hidden_size, num_layers=layer.num_layers,
-                                     bias=layer.bias, batch_first=layer.batch_first,
-                                     bidirectional=layer.num_directions == 2, dtype=torch.float64, **kwargs)
-    module.load_state_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in layer.state_dict().items()})
-    return module
-
-
-def torch_run(module, x, state, lengths, dy, dstate):
-    """y, state_n, grads of <y, dy> + <state_n, dstate> by torch autograd (packed sequences under lengths)."""
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-    t = lambda a: torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=True)  # noqa: E731
-    xt = t(x)
-    st = tuple(map(t, state)) if isinstance(state, tuple) else t(state)
-    if lengths is None:
-        yt, snt = module(xt, st)
-    else:
-        packed = pack_padded_sequence(xt, torch.tensor(lengths), batch_first=module.batch_first,
-                                      enforce_sorted=False)
-        yt, snt = module(packed, st)
-        yt, _ = pad_packed_sequence(yt, batch_first=module.batch_first, total_length=x.shape[1 if module.batch_first else 0])
-    pairs = zip(snt, dstate) if isinstance(snt, tuple) else [(snt, dstate)]
-    loss = (yt * torch.tensor(np.asarray(dy, np.float64))).sum() + sum(
-        (s * torch.tensor(np.asarray(d, np.float64))).sum() for s, d in pairs)
-    loss.backward()
-    grads = {k: p.grad.numpy() for k, p in module.named_parameters()}
-    dstate0 = tuple(s.grad.numpy() for s in st) if isinstance(st, tuple) else st.grad.numpy()
-    detach = lambda s: tuple(v.detach().numpy() for v in s) if isinstance(s, tuple) else s.detach().numpy()  # noqa: E731
-    return yt.detach().numpy(), detach(snt), xt.grad.numpy(), dstate0, grads
-
-
-def assert_close_tree(actual, expected, rtol, atol, what):
-    if isinstance(expected, tuple):
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            np.testing.assert_allclose(to_numpy(a), e, rtol=rtol, atol=atol, err_msg=f"{what}[{i}]")
-    else:
-        np.testing.assert_allclose(to_numpy(actual), expected, rtol=rtol, atol=atol, err_msg=what)
-
-
 def check_against_torch(layer, backend, problem, rtol, atol):
-    """Run layer on problem = (x, state, lengths, dy, dstate) on backend; compare everything with torch."""
-    x, state, lengths, dy, dstate = problem
-    y_ref, sn_ref, dx_ref, ds_ref, g_ref = torch_run(torch_twin(layer), x, state, lengths, dy, dstate)
-    layer.to(device_of(backend))
-    y, state_n, ctx = layer.forward(to_device(x, backend), to_device(state, backend), lengths)
-    dx, dstate0 = layer.backward(ctx, to_device(dy, backend), to_device(dstate, backend))
-    assert sorted(layer.grads) == sorted(g_ref)
-    for what, got, want in [("y", y, y_ref), ("state_n", state_n, sn_ref), ("dx", dx, dx_ref),
-                            ("dstate0", dstate0, ds_ref)] + [(k, layer.grads[k], g) for k, g in g_ref.items()]:
-        assert_close_tree(got, want, rtol, atol, what)
+    """Run layer on problem = (x, state, lengths, dy, dstate) on backend; compare everything with torch (float64)."""
+    want = torch_oracle.run(layer, *problem, dtype="float64")
+    got = layer_outputs(layer.to(device_of(backend)), *problem)
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        np.testing.assert_allclose(got[name], w, rtol=rtol, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("cell", [c for c in CELLS if c != "rnn_sigmoid"])
@@ -97,59 +50,28 @@ def test_weights_load_both_ways():
     np.testing.assert_allclose(y, module(torch.tensor(x))[0].detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
-def torch_sigmoid_elman(layer, x, state, dy, dstate):
-    """torch has no sigmoid RNN: the same recurrence by hand, float32, gradients by autograd."""
-    t = lambda a: torch.tensor(np.asarray(a), requires_grad=True)  # noqa: E731
-    p = {k: t(v) for k, v in layer.state_dict().items()}
-    xt, h = t(x), t(state[0][0])                                   # (T, B, I), (B, H)
-    h0, ys = h, []
-    for step in xt:
-        h = torch.sigmoid(step @ p["weight_ih_l0"].T + p["bias_ih_l0"] + h @ p["weight_hh_l0"].T + p["bias_hh_l0"])
-        ys.append(h)
-    loss = (torch.stack(ys) * torch.tensor(dy)).sum() + (h * torch.tensor(dstate[0][0])).sum()
-    loss.backward()
-    return xt.grad.numpy(), (h0.grad.numpy()[None],), {k: v.grad.numpy() for k, v in p.items()}
-
-
-SATURATING_BACKENDS = ["numpy"] + (["numba"] if N_SIM else [])
-
-
-@pytest.mark.parametrize("backend_name", SATURATING_BACKENDS)
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("cell", CELLS)
 def test_gradients_match_torch_at_saturated_inputs(cell, backend_name):
     """Inputs of size 1e4 and biases of +-1e5 saturate every gate (|pre-activation| > 8e4): the derivatives are
     exactly 0 in float32 there, in torch as in the layer, so dW_ih (dG^T x, x ~ 1e4) and every other gradient
     match torch's float32 ones to 1e-5 of the largest gradient (relu's live units carry the only nonzero dG)."""
-    layer = make_layer(cell, 4, 5, dtype="float32", backend=backend_name, seed=3)
+    layer = make_layer(cell, 4, 5, dtype="float32", backend=backend_name, seed=3).to(device_of(backend_name))
     rng = np.random.default_rng(4)
-    for k in ("bias_ih_l0", "bias_hh_l0"):
-        layer.params[k][...] = 0
-    layer.params["bias_ih_l0"][...] = rng.choice([-1e5, 1e5], layer.params["bias_ih_l0"].shape)
+    layer.params["bias_hh_l0"][...] = 0
+    layer.params["bias_ih_l0"][...] = layer.xp.asarray(rng.choice([-1e5, 1e5], GATES[cell] * 5).astype(np.float32))
     T, B, H = 4, 3, 5
     x = (1e4 * rng.standard_normal((T, B, 4))).astype(np.float32)
     lstm = cell == "lstm"
     state = tuple(rng.standard_normal((1, B, H)).astype(np.float32) for _ in range(2 if lstm else 1))
     dstate = tuple(rng.standard_normal((1, B, H)).astype(np.float32) for _ in state)
     dy = rng.standard_normal((T, B, H)).astype(np.float32)
-    if cell == "rnn_sigmoid":
-        dx_ref, ds_ref, g_ref = torch_sigmoid_elman(layer, x, state, dy, dstate)
-    else:
-        module = torch_twin(layer).float()
-        t = lambda a: torch.tensor(a, requires_grad=True)  # noqa: E731
-        st = tuple(map(t, state))
-        xt = t(x)
-        yt, snt = module(xt, st if lstm else st[0])
-        snt = snt if lstm else (snt,)
-        loss = (yt * torch.tensor(dy)).sum() + sum((s * torch.tensor(d)).sum() for s, d in zip(snt, dstate))
-        loss.backward()
-        dx_ref, ds_ref = xt.grad.numpy(), tuple(s.grad.numpy() for s in st)
-        g_ref = {k: p.grad.numpy() for k, p in module.named_parameters()}
-    _, _, ctx = layer.forward(x, state if lstm else state[0])
-    dx, ds = layer.backward(ctx, dy, dstate if lstm else dstate[0])
-    got = {"x": dx, **{f"state{i}": s for i, s in enumerate(ds if lstm else (ds,))}, **layer.grads}
-    want = {"x": dx_ref, **{f"state{i}": s for i, s in enumerate(ds_ref)}, **g_ref}
-    largest = max(float(np.abs(w).max()) for w in want.values())
-    for name, w in want.items():
-        np.testing.assert_allclose(to_numpy(got[name]), w, rtol=0, atol=1e-5 * largest, err_msg=name)
+    problem = (x, state if lstm else state[0], None, dy, dstate if lstm else dstate[0])
+    want = torch_oracle.run(layer, *problem)                # float32, as the layer
+    got = layer_outputs(layer, *problem)
+    grads = [k for k in want if k not in ("y", "h_n", "c_n")]
+    largest = max(float(np.abs(want[k]).max()) for k in grads)
+    for name in grads:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5 * largest, err_msg=name)
     if cell != "rnn_relu":                              # saturated everywhere: no gradient reaches the weights
-        assert not any(np.asarray(layer.grads[k]).any() for k in layer.grads)
+        assert not any(got[k].any() for k in layer.params)

@@ -4,11 +4,16 @@ import numpy as np
 from gpurnn import backend as _backend
 
 BACKENDS = ["numpy"] + (["numba", "cupy"] if _backend.gpu_available() else ["cupy"] if _backend.cuda_host() else [])
+# every backend whose own kernels run here, the numba simulator included (slow: for small problems only)
+KERNEL_BACKENDS = ["numpy"] + (["numba"] if _backend.gpu_available() or _backend.cuda_simulator() else []) + \
+    (["cupy"] if _backend.gpu_available() or _backend.cuda_host() else [])
 
 
 def device_of(backend):
-    """Where a backend's arrays live: "cpu" for numpy, and for cupy on the CPU harness (GPURNN_CUDA_HOST=1)."""
-    return "cpu" if backend == "numpy" or (backend == "cupy" and _backend.cuda_host()) else "cuda"
+    """Where a backend's arrays live: "cpu" for numpy, for cupy on the CPU harness (GPURNN_CUDA_HOST=1) and for
+    numba in its simulator (NUMBA_ENABLE_CUDASIM=1); "cuda" otherwise."""
+    on_host = {"numpy": True, "cupy": _backend.cuda_host(), "numba": _backend.cuda_simulator()}
+    return "cpu" if on_host[backend] else "cuda"
 
 
 def to_device(a, backend):
@@ -52,6 +57,28 @@ def random_problem(layer, T, B, rng, ragged=False):
     dy = rng.standard_normal(y_shape).astype(dt)
     unpack = (lambda s: s) if lstm else (lambda s: s[0])
     return x, unpack(state), lengths, dy, unpack(dstate)
+
+
+def on_layer_device(a, layer):
+    """A NumPy array (or a tuple of them, or None) on the layer's device."""
+    if isinstance(a, tuple):
+        return tuple(on_layer_device(x, layer) for x in a)
+    return None if a is None else layer.xp.asarray(a)
+
+
+def layer_outputs(layer, x, state, lengths, dy, dstate, retain=False):
+    """Everything one forward and backward of `layer` (on its device; NumPy inputs moved there) give, as NumPy
+    arrays by name: y, h_n (c_n), dx, dh0 (dc0) and each parameter's gradient (after zero_grad). The names
+    torch_oracle.run uses."""
+    move = lambda a: on_layer_device(a, layer)  # noqa: E731
+    layer.zero_grad()
+    y, state_n, ctx = layer.forward(move(x), move(state), lengths, retain=retain)
+    dx, dstate0 = layer.backward(ctx, move(dy), move(dstate))
+    as_tuple = lambda s: s if isinstance(s, tuple) else (s,)  # noqa: E731
+    out = {"y": to_numpy(y), **dict(zip(("h_n", "c_n"), to_numpy(as_tuple(state_n)))), "dx": to_numpy(dx),
+           **dict(zip(("dh0", "dc0"), to_numpy(as_tuple(dstate0))))}
+    out.update({k: to_numpy(g) for k, g in layer.grads.items()})
+    return out
 
 
 def numeric_grad(loss, arr, eps=1e-6):
