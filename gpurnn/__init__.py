@@ -25,10 +25,10 @@ def _source_tree_kernels():
 
 _source_tree_kernels()
 
-from .layers import GRU, LSTM, RNN, JordanRNN  # noqa: E402
+from .layers import GRU, LSTM, RNN, JordanRNN, LayerNormGRU, LayerNormLSTM  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["RNN", "LSTM", "GRU", "JordanRNN", "save", "load"]
+__all__ = ["RNN", "LSTM", "GRU", "LayerNormLSTM", "LayerNormGRU", "JordanRNN", "save", "load"]
 
 
 def save(obj, path):
@@ -45,7 +45,7 @@ def load(path):
 
 # Submodules reachable as attributes (`gpurnn.nn.Linear`), imported on first use so `import gpurnn` stays light.
 _LAZY = ("nn", "optim", "lr_scheduler", "models", "module", "sequential", "init", "clip", "trainer", "tasks",
-         "checkpoint", "diagnostics", "backend", "bench", "torch", "files")
+         "checkpoint", "diagnostics", "backend", "bench", "torch", "files", "segments")
 
 
 def __getattr__(name):

@@ -2,6 +2,9 @@
 
 Both sides run in one process, timed alternately, median of `--repeats` after warm-up. GFLOP/s counts the GEMM
 work: 2*T*B*G*H*(I+H) for a forward pass, three times that for a training step (forward, dgates->dx/dh, dW).
+Cells: lstm, gru, rnn_<act>, and lnlstm / lngru (LayerNormLSTM / LayerNormGRU, which no peer has). `--memory` also
+times our training step under memory="checkpoint" (in the same alternation) and measures the peak memory of one
+training step of each side and mode in a fresh process.
 The helpers here also serve the asv suite (asv_bench/benchmarks).
 """
 import argparse
@@ -17,6 +20,8 @@ import numpy as np
 from .kernels import GATES
 
 PEER_CLASS = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
+CELLS = ("lstm", "gru", "lnlstm", "lngru", "rnn_tanh", "rnn_relu", "rnn_sigmoid")
+KERNEL_CELL = {"lnlstm": "lstm", "lngru": "gru"}       # the LayerNorm layers run the LSTM's and GRU's step kernels
 DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
 DEFAULT_SIZES = ("100,32,256",)
 
@@ -24,7 +29,7 @@ DEFAULT_SIZES = ("100,32,256",)
 def gemm_flops(cell, T, B, H, I=None, train=True):
     """GEMM FLOPs of one forward pass (train=False) or training step (train=True) of one layer."""
     I = H if I is None else I
-    return (3 if train else 1) * 2 * T * B * GATES[cell] * H * (I + H)
+    return (3 if train else 1) * 2 * T * B * GATES[KERNEL_CELL.get(cell, cell)] * H * (I + H)
 
 
 def synchronize(backend):
@@ -70,13 +75,13 @@ def _seconds(fn):
     return time.perf_counter() - t
 
 
-def make_ours(backend, cell, T, B, H, I=None, train=True, seed=0, workspace=False, sweep="auto"):
+def make_ours(backend, cell, T, B, H, I=None, train=True, seed=0, workspace=False, memory="full", sweep="auto"):
     """A no-argument callable running one forward (train=False) or training step of our layer; `workspace`: the
-    layer reuses its buffers across calls (layer.workspace()); `sweep`: the GPU backends' sweep (layer.sweep)."""
-    from .layers import GRU, LSTM, RNN
+    layer reuses its buffers across calls (layer.workspace()); `memory`: the layer's memory mode; `sweep`: the GPU
+    backends' sweep (layer.sweep)."""
+    from .models import make_rnn
     I = H if I is None else I
-    kind = {"lstm": LSTM, "gru": GRU}.get(cell)
-    layer = kind(I, H, seed=seed) if kind else RNN(I, H, nonlinearity=cell[4:], seed=seed)
+    layer = make_rnn(cell, I, H, 1, 0.0, "float32", "auto", seed, memory=memory)
     layer.workspace(workspace)
     layer.sweep = sweep
     rng = np.random.default_rng(seed)
@@ -159,13 +164,16 @@ def _status_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def peak_rss_child(side, backend, cell, T, B, H, train):
+def peak_rss_child(side, backend, cell, T, B, H, train, memory="full"):
     """In a fresh process: peak RSS growth (bytes) of one step of `side` ("ours" | "peer") after a warm-up
     step (imports, compiled kernels, data and parameters are in place): Linux's VmHWM, reset just before
     the step through /proc/self/clear_refs, minus VmRSS at that moment. Counts every allocator alike; the
-    parent sets MALLOC_MMAP_THRESHOLD_ so large blocks are mapped and unmapped, not kept by malloc."""
-    make = make_ours if side == "ours" else make_peer
-    step = make(backend, cell, T, B, H, train=train)
+    parent sets MALLOC_MMAP_THRESHOLD_ so large blocks are mapped and unmapped, not kept by malloc.
+    memory: our layer's memory mode."""
+    if side == "ours":
+        step = make_ours(backend, cell, T, B, H, train=train, memory=memory)
+    else:
+        step = make_peer(backend, cell, T, B, H, train=train)
     step()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -174,12 +182,12 @@ def peak_rss_child(side, backend, cell, T, B, H, train):
     return (_status_kib("VmHWM") - before) * 1024
 
 
-def peak_rss(side, backend, cell, T, B, H, train=True):
+def peak_rss(side, backend, cell, T, B, H, train=True, memory="full"):
     code = ("import sys, gpurnn.bench as b; print(b.peak_rss_child(*sys.argv[1:4], *map(int, sys.argv[4:7]), "
-            "sys.argv[7] == '1'))")
+            "sys.argv[7] == '1', sys.argv[8]))")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    out = subprocess.run([sys.executable, "-c", code, side, backend, cell, str(T), str(B), str(H), str(int(train))],
-                         capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run([sys.executable, "-c", code, side, backend, cell, str(T), str(B), str(H), str(int(train)),
+                          memory], capture_output=True, text=True, check=True, env=env)
     return int(out.stdout.split()[-1])
 
 
@@ -194,15 +202,24 @@ def run(backend="numpy", cells=DEFAULT_CELLS, sizes=((100, 32, 256),), repeats=1
                 how = "" if sweep == "auto" else f" sweep {sweep}"
                 progress(f"{cell} T,B,H={T},{B},{H} {mode}{how} ({len(rows) + 1}/{total})")
                 train = mode == "train"
+                checkpointed = memory and train
                 ours = make_ours(backend, cell, T, B, H, train=train, workspace=workspace, sweep=sweep)
+                ckpt = [make_ours(backend, cell, T, B, H, train=True, workspace=workspace, memory="checkpoint",
+                                  sweep=sweep)] if checkpointed else []
                 peer = make_peer(backend, cell, T, B, H, train=train)
-                t_ours, *t_peer = time_alternating([ours] + ([peer] if peer else []), repeats)
+                t_ours, *t_rest = time_alternating([ours] + ckpt + ([peer] if peer else []), repeats)
+                t_ckpt = t_rest.pop(0) if ckpt else None
                 row = dict(cell=cell, T=T, B=B, H=H, I=H, mode=mode, sweep=sweep, ours_ms=t_ours * 1e3,
-                           peer_ms=t_peer[0] * 1e3 if t_peer else None,
-                           ratio=t_ours / t_peer[0] if t_peer else None,
+                           peer_ms=t_rest[0] * 1e3 if t_rest else None,
+                           ratio=t_ours / t_rest[0] if t_rest else None,
                            gflops=gemm_flops(cell, T, B, H, train=train) / t_ours / 1e9)
-                if memory and backend == "numpy" and train:
+                if checkpointed:
+                    row.update(ckpt_ms=t_ckpt * 1e3, ckpt_time_ratio=t_ckpt / t_ours)
+                if checkpointed and backend == "numpy":
                     row["ours_peak_mib"] = peak_rss("ours", backend, cell, T, B, H) / 2 ** 20
+                    row["ckpt_peak_mib"] = peak_rss("ours", backend, cell, T, B, H, memory="checkpoint") / 2 ** 20
+                    row["ckpt_peak_ratio"] = (row["ckpt_peak_mib"] / row["ours_peak_mib"] if row["ours_peak_mib"]
+                                              else None)
                     row["peer_peak_mib"] = peak_rss("peer", backend, cell, T, B, H) / 2 ** 20 if peer else None
                 rows.append(row)
     return rows
@@ -226,15 +243,16 @@ def _sizes(text):
 def add_arguments(parser):
     parser.add_argument("--backend", default="numpy", choices=("numpy", "numba", "cupy"),
                         help="our backend to time (numba and cupy need a GPU)")
-    parser.add_argument("--cells", nargs="+", default=list(DEFAULT_CELLS), choices=sorted(PEER_CLASS) + ["rnn_sigmoid"],
-                        metavar="CELL", help="cells: lstm gru rnn_tanh rnn_relu rnn_sigmoid (default: lstm gru rnn_tanh)")
+    parser.add_argument("--cells", nargs="+", default=list(DEFAULT_CELLS), choices=CELLS, metavar="CELL",
+                        help=f"cells: {' '.join(CELLS)} (default: {' '.join(DEFAULT_CELLS)})")
     parser.add_argument("--sizes", nargs="+", type=_sizes, default=[_sizes(s) for s in DEFAULT_SIZES],
                         metavar="T,B,H", help="sizes as T,B,H with I = H (default: 100,32,256)")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds per measurement (median)")
     parser.add_argument("--mode", choices=("train", "inference", "both"), default="both",
                         help="training step, forward only (no saved activations), or both")
     parser.add_argument("--memory", action="store_true",
-                        help="also measure peak RSS of one training step, each side in a fresh process (CPU)")
+                        help='also time our training step under memory="checkpoint", and measure peak RSS of one '
+                             'training step of each side and mode in a fresh process (CPU)')
     parser.add_argument("--profile", action="store_true",
                         help="instead of the comparison, split our training step into its parts (numpy backend)")
     parser.add_argument("--workspace", action="store_true",
@@ -252,14 +270,22 @@ def format_table(result):
              f"Numba threads {result['numba_threads']}, workspace {'on' if result['workspace'] else 'off'})"]
     head = (f"{'cell':<12}{'T,B,H':>14} {'mode':<10}{'sweep':<11}{'ours ms':>9}{'peer ms':>9}{'ratio':>7}"
             f"{'GFLOP/s':>9}{'%SGEMM':>8}")
+    ckpt = any("ckpt_ms" in r for r in result["rows"])
     mem = any("ours_peak_mib" in r for r in result["rows"])
-    lines.append(head + ("  peak MiB ours/peer" if mem else ""))
+    lines.append(head + ("  ckpt ms (x full)" if ckpt else "") +
+                 ("  peak MiB full / ckpt (x full) / peer" if mem else ""))
     for r in result["rows"]:
         peer = f"{r['peer_ms']:9.1f}{r['ratio']:7.2f}" if r["peer_ms"] is not None else f"{'-':>9}{'-':>7}"
         line = (f"{r['cell']:<12}{r['T']:>6},{r['B']},{r['H']:<4} {r['mode']:<10}{r['sweep']:<11}"
                 f"{r['ours_ms']:9.1f}{peer}{r['gflops']:9.1f}{100 * r['gflops'] / result['sgemm_gflops']:7.0f}%")
+        if "ckpt_ms" in r:
+            line += f"  {r['ckpt_ms']:8.1f} ({r['ckpt_time_ratio']:.2f})"
+        elif ckpt:
+            line += f"  {'-':>15}"
         if "ours_peak_mib" in r:
-            line += f"  {r['ours_peak_mib']:.1f} / " + (f"{r['peer_peak_mib']:.1f}" if r["peer_peak_mib"] else "-")
+            share = f"{r['ckpt_peak_ratio']:.2f}" if r["ckpt_peak_ratio"] is not None else "-"
+            line += (f"  {r['ours_peak_mib']:.1f} / {r['ckpt_peak_mib']:.1f} ({share}) / " +
+                     (f"{r['peer_peak_mib']:.1f}" if r["peer_peak_mib"] else "-"))
         lines.append(line)
     return "\n".join(lines)
 
@@ -301,6 +327,9 @@ def main(argv=None):
             print(f"gpurnn bench: error: backend {args.backend!r} needs a GPU and none is available", file=sys.stderr)
             return 2
     if args.profile:
+        if any(cell not in GATES for cell in args.cells):
+            print("gpurnn bench: error: --profile splits the plain cells' steps (lstm gru rnn_*)", file=sys.stderr)
+            return 2
         return print_profiles(args)
     torch = torch_or_none()
     modes = ("train", "inference") if args.mode == "both" else (args.mode,)

@@ -18,11 +18,12 @@ import warnings
 
 import numpy as np
 
-MODEL_OPTIONS = ("cell", "hidden", "layers", "embedding")
+MODEL_OPTIONS = ("cell", "hidden", "layers", "embedding", "zoneout", "weight_drop", "proj_size")
 FIXED_ON_RESUME = MODEL_OPTIONS + ("batch", "seq_len", "seed")     # the checkpoint's model, state and data layout
 TRAIN_DEFAULTS = dict(steps=1500, cell="lstm", hidden=256, layers=1, embedding=64, seq_len=64, batch=32, lr=3e-3,
-                      tbptt=None, clip=1.0, seed=0)
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid")
+                      tbptt=None, clip=1.0, seed=0, zoneout=0.0, weight_drop=0.0, proj_size=0, memory="full")
+NEWER_OPTIONS = ("zoneout", "weight_drop", "proj_size", "memory")   # checkpoints from before them hold the defaults
+CELLS = ("lstm", "gru", "lnlstm", "lngru", "rnn_tanh", "rnn_relu", "rnn_sigmoid")
 MAX_DIAGNOSE_STEPS = 10_000
 
 
@@ -67,6 +68,17 @@ def number(high=math.inf):
     return parse
 
 
+def probability(text):
+    """An argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def build_parser():
     parser = Parser(prog="gpurnn", description="Fused RNN kernels: train, sample, diagnose, bench.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,10 +87,20 @@ def build_parser():
     t.add_argument("--steps", type=integer(), metavar="N",
                    help=f"batches to train (default {TRAIN_DEFAULTS['steps']}); with --resume, N MORE batches "
                         f"(--resume without --steps finishes the run's planned total)")
-    t.add_argument("--cell", choices=CELLS, help="recurrent cell (default lstm)")
+    t.add_argument("--cell", choices=CELLS, help="recurrent cell (default lstm; lnlstm and lngru: LayerNormLSTM, "
+                                                 "LayerNormGRU)")
     t.add_argument("--hidden", type=integer(), help="hidden units per layer (default 256)")
     t.add_argument("--layers", type=integer(), help="stacked layers (default 1)")
     t.add_argument("--embedding", type=integer(), help="character embedding size (default 64)")
+    t.add_argument("--zoneout", type=probability, metavar="P",
+                   help="zoneout: each unit of the state keeps its value with probability P in training (default 0)")
+    t.add_argument("--weight-drop", type=probability, metavar="P",
+                   help="DropConnect on the recurrent weights W_hh with probability P in training (default 0)")
+    t.add_argument("--proj-size", type=integer(0), metavar="P",
+                   help="LSTM projection: h is P wide (P < --hidden; lstm and lnlstm; default 0, none)")
+    t.add_argument("--memory", choices=("full", "checkpoint"),
+                   help="BPTT memory: full keeps every step, checkpoint every ~sqrt(T) steps and recomputes "
+                        "(same gradients bit for bit; default full; may change on --resume)")
     t.add_argument("--seq-len", type=integer(), help="steps per batch (default 64)")
     t.add_argument("--batch", type=integer(), help="sequences per batch (default 32)")
     t.add_argument("--lr", type=number(high=1.0), help="Adam learning rate in (0, 1] (default 3e-3); with --resume "
@@ -204,11 +226,11 @@ def train_options(args, given, source):
     extra = saved.get("extra")
     previous = extra.get("options") if isinstance(extra, dict) else None
     if not isinstance(config, dict) or config.get("kind") != "CharLM" or not isinstance(previous, dict) or \
-            not TRAIN_DEFAULTS.keys() <= previous.keys():
+            not TRAIN_DEFAULTS.keys() - set(NEWER_OPTIONS) <= previous.keys():
         kind = config.get("kind") if isinstance(config, dict) else None
         raise CliError(f"the checkpoint in {source} holds another model ({kind}), not a gpurnn train language model")
-    clash = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {previous[k]})" for k in FIXED_ON_RESUME
-             if k in given and given[k] != previous[k]]
+    clash = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {previous.get(k, TRAIN_DEFAULTS[k])})"
+             for k in FIXED_ON_RESUME if k in given and given[k] != previous.get(k, TRAIN_DEFAULTS[k])]
     if clash:
         raise CliError(f"the checkpoint in {source} is from another model or data layout: {', '.join(clash)}")
     opts.update(previous)
@@ -229,10 +251,11 @@ def load_corpus(path):
 def training_bytes(vocab_size, opts):
     """About the memory training a CharLM takes: float32 weights, gradients and Adam's two buffers, plus the
     float64 draw that initialises the largest weight matrix."""
-    G = {"lstm": 4, "gru": 3}.get(opts["cell"], 1)
+    G = {"lstm": 4, "lnlstm": 4, "gru": 3, "lngru": 3}.get(opts["cell"], 1)
     V, E, H, L = vocab_size, opts["embedding"], opts["hidden"], opts["layers"]
-    rnn = sum(G * H * (inputs + H + 2) for inputs in [E] + [H] * (L - 1))
-    largest = max(V * E, G * H * max(E, H), H * V)
+    P = opts["proj_size"] or H
+    rnn = sum(G * H * (inputs + P + 4) + (P * H if P != H else 0) for inputs in [E] + [P] * (L - 1))
+    largest = max(V * E, G * H * max(E, P), P * V)
     return 4 * 4 * (V * E + rnn + H * V + V) + 8 * largest
 
 
@@ -396,10 +419,15 @@ def build_run(args, out, group, opts, given, saved, source, text):
         if device == "cuda":
             group.use_local_gpu()
         rows = group.rows(opts["batch"])
+    if opts["proj_size"] and (opts["cell"] not in ("lstm", "lnlstm") or opts["proj_size"] >= opts["hidden"]):
+        raise CliError(f"--proj-size {opts['proj_size']} needs --cell lstm or lnlstm and must be smaller than "
+                       f"--hidden ({opts['hidden']}); got --cell {opts['cell']}")
     check_fits(len(vocab), opts)
     try:
         model = CharLM(vocab, hidden_size=opts["hidden"], num_layers=opts["layers"], cell=opts["cell"],
-                       embedding_dim=opts["embedding"], backend=args.backend, seed=opts["seed"]).to(device)
+                       embedding_dim=opts["embedding"], backend=args.backend, seed=opts["seed"],
+                       zoneout=opts["zoneout"], weight_drop=opts["weight_drop"], proj_size=opts["proj_size"],
+                       memory=opts["memory"]).to(device)
         ids = model.encode(text)
     except ValueError as e:
         raise CliError(f"the corpus does not fit the model: {e}") from None

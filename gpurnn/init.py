@@ -4,6 +4,8 @@
 | "uniform"        | U(-1/sqrt(H), 1/sqrt(H))   | U(-1/sqrt(H), 1/sqrt(H))           | same (PyTorch)  |
 | "xavier_uniform" | xavier_uniform (below)     | xavier_uniform                     | 0               |
 | "orthogonal"     | xavier_uniform             | each (H, H) gate block orthogonal  | 0               |
+weight_hr (LSTM proj_size) draws as weight_ih; with a projection, weight_hh's (H, P) gate blocks get orthonormal
+columns under "orthogonal".
 xavier_uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out)) of the whole matrix (torch.nn.init.xavier_uniform_).
 """
 import math
@@ -20,13 +22,13 @@ def xavier_uniform(rng, shape):
     return rng.uniform(-a, a, shape)
 
 
-def orthogonal_blocks(rng, shape):
-    """(G*H, H): G stacked (H, H) blocks, each Haar-distributed orthogonal (QR of a Gaussian, signs of R's diagonal
-    moved into Q so the draw is uniform over the orthogonal group)."""
-    rows, H = shape
+def orthogonal_blocks(rng, shape, block_rows):
+    """(G*H, P): G stacked (H, P) blocks (H = block_rows), each Haar-distributed with orthonormal columns (QR of a
+    Gaussian, signs of R's diagonal moved into Q so the draw is uniform); square (orthogonal) when P = H."""
+    rows, P = shape
     blocks = []
-    for _ in range(rows // H):
-        q, r = np.linalg.qr(rng.standard_normal((H, H)))
+    for _ in range(rows // block_rows):
+        q, r = np.linalg.qr(rng.standard_normal((block_rows, P)))
         blocks.append(q * np.sign(np.diag(r)))
     return np.concatenate(blocks)
 
@@ -39,5 +41,5 @@ def draw(rng, init, name, shape, hidden_size):
     if name.startswith("bias"):
         return np.zeros(shape)
     if init == "orthogonal" and name.startswith("weight_hh"):
-        return orthogonal_blocks(rng, shape)
+        return orthogonal_blocks(rng, shape, hidden_size)
     return xavier_uniform(rng, shape)

@@ -1,23 +1,24 @@
-"""RNN / LSTM / GRU / JordanRNN: parameters, stacking, directions, lengths and GEMMs around the kernel sweeps.
+"""RNN / LSTM / GRU / LayerNormLSTM / LayerNormGRU / JordanRNN: parameters, stacking, directions, lengths and
+GEMMs around the kernel sweeps.
 
-Layouts follow PyTorch (gate order LSTM i, f, g, o; GRU r, z, n). Shapes: x (T, B, I), y (T, B, D*H),
-h (L*D, B, H) with index layer*D + direction. The per-element math lives in gpurnn.kernels.
+Layouts follow PyTorch (gate order LSTM i, f, g, o; GRU r, z, n). Shapes: x (T, B, I), y (T, B, D*P),
+h (L*D, B, P) with index layer*D + direction (P = proj_size or H), c (L*D, B, H). The per-element math lives in
+gpurnn.kernels; gpurnn.segments runs each layer and direction as a chain of segments of steps.
 """
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checks, init as inits, precision
+from . import checks, init as inits, precision, segments
 from .backend import array_module, kernels, resolve
-from .kernels import GATES, gemm
+from .kernels import GATES, Zoneout, gemm
 from .module import Module
 from .streams import Lanes
 from .workspace import Workspace
 
 BACKEND_NAMES = ("auto", "numpy", "numba", "cupy")
-
-
+LN_PARAMS = {"lstm": ("gamma_ih", "gamma_hh", "gamma_c", "beta_c"), "gru": ("gamma_ih", "gamma_hh")}
 @dataclass
 class LayerCtx:
     """What `backward` needs from one `forward` call."""
@@ -25,9 +26,12 @@ class LayerCtx:
     backend: str
     batch_first: bool
     shape: tuple            # (T, B) of the call
-    rev_index: object       # (T, B, 1) time gather for the reverse direction, None when every length is T
+    segments: list          # [(t0, t1), ...]: the steps of each segment (gpurnn.segments.plan)
+    memory: str             # "full" | "checkpoint"
+    lengths: object         # (B,) int32
     inputs: list            # per layer: its input (T, B, in_l), never the caller's array
-    sweeps: list = field(default_factory=list)   # per layer*D + direction: the kernel ctx
+    sweeps: list = field(default_factory=list)   # per layer*D + direction: a segments.Direction (Jordan: its
+                                                 # kernel ctx)
     masks: list = field(default_factory=list)    # dropout: per layer but the last, (T, B, D*H) in {0, 1/(1-p)}
     retain: bool = False    # backward may run on it more than once
     used: bool = False      # a backward has run on it
@@ -43,14 +47,6 @@ def private(a, caller, training):
 
 def not_finite(what):
     return lambda name: f"{what.format(name)} is not finite: overflow"
-
-
-def reverse_time(a, rev_index):
-    """a (T, B, F) with each sequence's valid steps reversed in place of time (padded steps stay put)."""
-    xp = array_module(a)
-    if rev_index is None:
-        return xp.ascontiguousarray(a[::-1])
-    return xp.take_along_axis(a, rev_index, axis=0)
 
 
 def matmul(xp, workspace, a, b, math="fp32", out=None):
@@ -82,54 +78,106 @@ def only_valid_steps(a, valid):
 
 
 def reverse_index(lengths, T, xp):
-    """(T, B, 1): step t of sequence b reads time lengths[b]-1-t when valid, t when padded."""
+    """(T, B): step t of sequence b reads time lengths[b]-1-t when valid, t when padded."""
     t = xp.arange(T, dtype=np.int32)[:, None]
-    return xp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)[:, :, None]
+    return xp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
 
 
 class _Recurrent(Module):
     """Stacked, optionally bidirectional recurrent layer. dropout: on the outputs of every layer but the last, in
-    training only (PyTorch's semantics). init: see gpurnn.init ("uniform", the default, is PyTorch's)."""
+    training only (PyTorch's semantics). init: see gpurnn.init ("uniform", the default, is PyTorch's).
+
+    zoneout: p in [0, 1) (the LSTM also takes a pair (p_h, p_c) for h and c): in training each unit of the state
+    keeps its previous value with probability p, a fresh mask per step and unit (counter-based, reproducible from the
+    layer's seeded generator); in evaluation h_t = p h_{t-1} + (1 - p) h~_t. weight_drop: p in [0, 1), DropConnect
+    on every W_hh, one mask per forward call, kept entries scaled by 1 / (1 - p), in training only.
+    memory: "full" keeps every step's activations for backward; "checkpoint" keeps the state every k ~ sqrt(T) steps
+    and recomputes each segment in backward (O(sqrt(T)) memory for about one more forward), with gradients
+    identical to "full" bit for bit. segment_steps: the segments' length k in steps (both modes run the same
+    segments); None chooses max(ceil(sqrt(T)), ceil(1024 / B)), evened out (gpurnn.segments.plan)."""
     cell = None
+    layer_norm = False
     stateful = True
     sweep = "auto"    # GPU backends: "auto" | "persistent" (one launch for all steps) | "step" (a launch per step)
     _workspace = None  # numpy backend: a Workspace the calls take their large buffers from (see workspace())
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, init="uniform", dtype="float32", backend="auto", seed=None, math=None):
+                 bidirectional=False, init="uniform", dtype="float32", backend="auto", seed=None, zoneout=0.0,
+                 weight_drop=0.0, memory="full", segment_steps=None, proj_size=0, math=None):
         I = checks.positive_int(input_size, "input_size")
         H = checks.positive_int(hidden_size, "hidden_size")
         L = checks.positive_int(num_layers, "num_layers")
         bias, batch_first = checks.flag(bias, "bias"), checks.flag(batch_first, "batch_first")
         D = 2 if checks.flag(bidirectional, "bidirectional") else 1
         dropout = checks.number(dropout, "dropout", 0.0, 1.0)
+        self.zoneout_h, self.zoneout_c = self._zoneout_pair(zoneout)
+        weight_drop = checks.number(weight_drop, "weight_drop", 0.0, 1.0, high_open=True)
+        checks.choice(memory, "memory", segments.MEMORY_MODES)
+        if segment_steps is not None:
+            segment_steps = checks.positive_int(segment_steps, "segment_steps")
+        P = checks.positive_int(proj_size, "proj_size", minimum=0)
+        if P and P >= H:
+            raise ValueError(f"proj_size must be smaller than hidden_size ({H}), got {P}")
         checks.choice(init, "init", inits.INITS)
         checks.choice(backend, "backend", BACKEND_NAMES)
         self.math = precision.check(math, dtype)     # GEMM precision on a GPU; None: precision.DEFAULT_MATH
-        checks.fits_in_memory(D * GATES[self.cell] * H * (I + (L - 1) * D * H + L * H + 2 * L * bias),
-                              checks.float_dtype(dtype), f"{type(self).__name__}({I}, {H}, num_layers={L})")
+        G = GATES[self.cell]
+        P = P or H
+        per_direction = [G * H * (in_size + P + 2 * bias + 2 * self.layer_norm) + (P * H if P != H else 0)
+                         for in_size in [I] + [D * P] * (L - 1)]
+        checks.fits_in_memory(D * sum(per_direction), checks.float_dtype(dtype),
+                              f"{type(self).__name__}({I}, {H}, num_layers={L})")
         if dropout and L == 1:
             warnings.warn(f"dropout={dropout} acts between stacked layers only, and num_layers=1", stacklevel=3)
         super().__init__(dtype, backend, seed)
         self.input_size, self.hidden_size, self.num_layers = I, H, L
         self.bias, self.batch_first, self.dropout, self.init = bias, batch_first, dropout, init
         self.num_directions = D
-        G = GATES[self.cell]
+        self.proj_size = P if P != H else 0
+        self.weight_drop, self.memory, self.segment_steps = weight_drop, memory, segment_steps
         for layer in range(L):
-            in_size = I if layer == 0 else H * D
+            in_size = I if layer == 0 else P * D
             for suffix in self._suffixes(layer):
-                shapes = {f"weight_ih{suffix}": (G * H, in_size), f"weight_hh{suffix}": (G * H, H)}
+                shapes = {f"weight_ih{suffix}": (G * H, in_size), f"weight_hh{suffix}": (G * H, P)}
                 if bias:
                     shapes.update({f"bias_ih{suffix}": (G * H,), f"bias_hh{suffix}": (G * H,)})
+                if self.proj_size:
+                    shapes[f"weight_hr{suffix}"] = (P, H)
                 for name, shape in shapes.items():
                     self.set_param(name, inits.draw(self.rng, init, name, shape, H))
+                if self.layer_norm:        # gains 1 and shift 0: LN starts as plain normalisation
+                    for name in LN_PARAMS[self.cell]:
+                        size = H if name.endswith("_c") else G * H
+                        self.set_param(f"{name}{suffix}", np.zeros(size) if name.startswith("beta") else np.ones(size))
+
+    def _zoneout_pair(self, zoneout):
+        """(p_h, p_c) from `zoneout`: a number for every cell, or a pair for the LSTM; each in [0, 1)."""
+        if self.cell == "lstm" and isinstance(zoneout, (tuple, list)):
+            if len(zoneout) != 2:
+                raise ValueError(f"zoneout must be a number or a pair (p_h, p_c), got {zoneout!r}")
+            return tuple(checks.number(p, f"zoneout[{k}]", 0.0, 1.0, high_open=True) for k, p in enumerate(zoneout))
+        p = checks.number(zoneout, "zoneout", 0.0, 1.0, high_open=True)
+        return p, (p if self.cell == "lstm" else 0.0)
+
+    @property
+    def zoneout(self):
+        """p, or (p_h, p_c) for an LSTM whose two differ."""
+        same = self.cell != "lstm" or self.zoneout_c == self.zoneout_h
+        return self.zoneout_h if same else (self.zoneout_h, self.zoneout_c)
+
+    @property
+    def state_size(self):
+        """The size of h (and of each direction's output): proj_size when set, else hidden_size."""
+        return self.proj_size or self.hidden_size
 
     @property
     def config(self):
+        zoneout = self.zoneout
         return dict(kind=type(self).__name__, input_size=self.input_size, hidden_size=self.hidden_size,
                     num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first, dropout=self.dropout,
                     bidirectional=self.num_directions == 2, init=self.init, dtype=self.dtype.name,
-                    **({"math": self.math} if self.math else {}))
+                    zoneout=list(zoneout) if isinstance(zoneout, tuple) else zoneout, weight_drop=self.weight_drop,
+                    memory=self.memory, segment_steps=self.segment_steps, **({"math": self.math} if self.math else {}))
 
     def workspace(self, enabled=True):
         """Reuse the large host buffers of forward and backward across calls (numpy backend), so a training loop
@@ -151,33 +199,78 @@ class _Recurrent(Module):
         return [f"_l{layer}"] + ([f"_l{layer}_reverse"] if self.num_directions == 2 else [])
 
     def __repr__(self):
+        defaults = dict(proj_size=0, zoneout=0.0, weight_drop=0.0, memory="full")
+        options = "".join(f", {k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v)
         return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
-                f"cell={self.cell!r}, bidirectional={self.num_directions == 2}, dtype={self.dtype.name}, "
+                f"cell={self.cell!r}, bidirectional={self.num_directions == 2}{options}, dtype={self.dtype.name}, "
                 f"device={self.device!r})")
 
-    def _state_shape(self, batch):
-        return (self.num_layers * self.num_directions, batch, self.hidden_size)
+    def state_shapes(self, batch):
+        """The (L*D, B, .) shapes of the state's parts: h (P wide), and c (H wide) for the LSTM."""
+        LD = self.num_layers * self.num_directions
+        return [(LD, batch, self.state_size)] + ([(LD, batch, self.hidden_size)] if self.cell == "lstm" else [])
 
     def _check_state(self, state, batch, name):
-        """`state` as a tuple of (L*D, B, H) arrays (h, or h and c for the LSTM); zeros when None."""
-        shape = self._state_shape(batch)
+        """`state` as a tuple of (L*D, B, .) arrays (h, or h and c for the LSTM); zeros when None."""
+        shapes = self.state_shapes(batch)
         parts = ("h", "c") if self.cell == "lstm" else ("h",)
         if state is None:
-            return tuple(self.xp.zeros(shape, self.dtype) for _ in parts)
+            return tuple(self.xp.zeros(shape, self.dtype) for shape in shapes)
         if self.cell == "lstm":
             if not isinstance(state, (tuple, list)) or len(state) != 2:
                 raise TypeError(f"{name} for an LSTM must be a tuple (h, c), got {type(state).__name__}")
         else:
             state = (state,)
         return tuple(checks.array(s, f"{name}[{p}]" if len(parts) > 1 else name, self.device, self.dtype, shape,
-                                  finite=checks.finite_checks(self)) for s, p in zip(state, parts))
+                                  finite=checks.finite_checks(self)) for s, p, shape in zip(state, parts, shapes))
 
     def _time_major(self, a):
         return self.xp.ascontiguousarray(a.transpose(1, 0, 2)) if self.batch_first else a
 
+    def _check_backend(self, name, K):
+        """ValueError when backend `name` lacks a kernel feature this layer uses (see kernels/__init__.py)."""
+        features = getattr(K, "FEATURES", frozenset())
+        uses = {"ln": f"{type(self).__name__} (layer normalisation)", "zoneout": "zoneout",
+                "w_hr": "proj_size", "t0": 'memory="checkpoint"'}
+        wanted = {"ln": self.layer_norm, "zoneout": bool(self.zoneout_h or self.zoneout_c),
+                  "w_hr": bool(self.proj_size), "t0": self.memory == "checkpoint"}
+        for feature, used in wanted.items():
+            if used and feature not in features:
+                raise ValueError(f"{uses[feature]} is not implemented on backend {name!r} yet")
+        return "t0" in features
+
+    def _direction(self, layer, d, suffix, rows, training):
+        """The segments.Direction of one layer and direction for this call: its weights as the kernel sees them
+        (W_hh masked under weight_drop in training) and the kernel's variant arguments, masks and seeds drawn."""
+        p, xp = self.params, self.xp
+        w_hh, mask = p[f"weight_hh{suffix}"], None
+        if training and self.weight_drop:
+            mask = self._weight_mask(w_hh)
+            w_hh = w_hh * mask
+        variant = {}
+        if self.layer_norm:
+            variant["ln"] = tuple(p[f"{name}{suffix}"] for name in LN_PARAMS[self.cell])
+        if self.zoneout_h or self.zoneout_c:
+            seeds = self.rng.integers(2 ** 32, size=2) if training else (0, 0)
+            variant["zoneout"] = Zoneout(self.zoneout_h, self.zoneout_c, int(seeds[0]), int(seeds[1]))
+        if self.proj_size:
+            variant["w_hr"] = p[f"weight_hr{suffix}"]
+        b_hh = p[f"bias_hh{suffix}"] if self.bias else xp.zeros(p[f"weight_hh{suffix}"].shape[0], self.dtype)
+        return segments.Direction(self.cell, layer * self.num_directions + d, rows, p[f"weight_ih{suffix}"], w_hh,
+                                  p[f"bias_ih{suffix}"] if self.bias else None, b_hh, variant, mask)
+
+    def _weight_mask(self, w):
+        """weight_drop's mask shaped like w: 0 with probability p, else 1 / (1 - p); on the CPU drawn in float64
+        (the same mask in float32 and float64), on a GPU by dropout_mask's device generator."""
+        if array_module(w) is not np:
+            return self.dropout_mask(w, self.weight_drop)
+        keep = self.rng.random(w.shape) >= self.weight_drop
+        return (keep * (1.0 / (1.0 - self.weight_drop))).astype(w.dtype)
+
     def forward(self, x, state=None, lengths=None, training=None, retain=False):
-        """y, state_n, ctx. x: (T, B, I) or (B, T, I) with batch_first; state: h or (h, c), (L*D, B, H).
-        training: save a ctx for backward and apply dropout (None: the module's train()/eval() mode).
+        """y, state_n, ctx. x: (T, B, I) or (B, T, I) with batch_first; state: h or (h, c), (L*D, B, .).
+        training: save a ctx for backward and apply dropout, zoneout's masks and weight_drop (None: the module's
+        train()/eval() mode).
 
         The ctx keeps private copies of x and state where it would otherwise keep the caller's arrays, so editing
         them in place after forward does not change what backward computes. It serves one backward unless
@@ -203,42 +296,36 @@ class _Recurrent(Module):
         name = resolve(self.backend, self.device)
         math = precision.resolve(self.math, name, self.dtype)
         K = kernels(name)
+        segmented = self._check_backend(name, K)
         gx = gemm_module(name)
         ws = self._workspace if name == "numpy" else None
         opts = {"workspace": ws} if name == "numpy" else {"sweep": self.sweep, "math": math}
-        H, D, G = self.hidden_size, self.num_directions, GATES[self.cell]
-        rev_index = reverse_index(lens, T, xp) if (ragged and D == 2) else None
-        ctx = LayerCtx(self, name, self.batch_first, (T, B), rev_index, [], retain=retain, math=math,
+        P, D = self.state_size, self.num_directions
+        plan = segments.plan(T, B, self.segment_steps) if segmented else [(0, T)]
+        rev = reverse_index(lens, T, xp) if (ragged and D == 2) else None
+        ctx = LayerCtx(self, name, self.batch_first, (T, B), plan, self.memory, lens, [], retain=retain, math=math,
                        valid=valid)
         state_n = tuple(xp.empty_like(s) for s in state0)
         inp = x
         for layer in range(self.num_layers):
             ctx.inputs.append(inp)
-            out = xp.empty((T, B, D * H), self.dtype) if D == 2 else None
+            out = xp.empty((T, B, D * P), self.dtype)
             lane = Lanes(gx, D)                 # the directions on streams of their own (GPU)
             for d, suffix in enumerate(self._suffixes(layer)):
                 with lane(d):
-                    p = self.params
-                    xw = matmul(gx, ws, inp.reshape(T * B, -1), p[f"weight_ih{suffix}"].T, math).reshape(T, B, G * H)
-                    b_ih = p[f"bias_ih{suffix}"] if self.bias else None      # the sweep adds it, with b_hh
-                    b_hh = p[f"bias_hh{suffix}"] if self.bias else xp.zeros(G * H, self.dtype)
-                    if d == 1:
-                        xw = reverse_time(xw, rev_index)
-                    k = layer * D + d
-                    y, s_n, kctx = K.forward(self.cell, xw, p[f"weight_hh{suffix}"], b_hh,
-                                             tuple(s[k] for s in state0), lens, training, b_ih=b_ih, **opts)
-                    checks.ensure_finite(self, {"y": y, **dict(enumerate(s_n))},
-                                         not_finite(f"the output of layer {layer} (direction {d})"))
-                    if D == 1:         # (T, B, H); a copy when training, since backward reads the sweep's own y
-                        out = y.copy() if training else y
-                    else:
-                        out[:, :, d * H:(d + 1) * H] = reverse_time(y, rev_index) if d == 1 else y
+                    run = self._direction(layer, d, suffix, segments.Rows(d == 1, T, rev), training)
+
+                    def check(y, s_n, layer=layer, d=d):
+                        checks.ensure_finite(self, {"y": y, **dict(enumerate(s_n))},
+                                             not_finite(f"the output of layer {layer} (direction {d})"))
+                    s_n = segments.forward(K, opts, run, inp, tuple(s[run.index] for s in state0), lens, plan,
+                                           training, self.memory, out[:, :, d * P:(d + 1) * P], check, gx, math, ws)
                     for dst, src in zip(state_n, s_n):
-                        dst[k] = src
-                    ctx.sweeps.append(kctx)
+                        dst[run.index] = src
+                    ctx.sweeps.append(run)
             inp = out
             if training and self.dropout and layer < self.num_layers - 1:
-                ctx.masks.append(self.dropout_mask(out, self.dropout))    # (T, B, D*H)
+                ctx.masks.append(self.dropout_mask(out, self.dropout))    # (T, B, D*P)
                 inp = out * ctx.masks[-1]
         y = self._time_major(inp)
         h_n = state_n if self.cell == "lstm" else state_n[0]
@@ -250,59 +337,42 @@ class _Recurrent(Module):
         checks.check_ctx(ctx, self, LayerCtx)
         xp = self.xp
         T, B = ctx.shape
-        H, D = self.hidden_size, self.num_directions
-        want = (B, T, D * H) if self.batch_first else (T, B, D * H)
+        P, D = self.state_size, self.num_directions
+        want = (B, T, D * P) if self.batch_first else (T, B, D * P)
         dy = self._time_major(checks.array(dy, "dy", self.device, self.dtype, want,
                                            finite=checks.finite_checks(self)))
         dstate_n = self._check_state(dstate, B, "dstate")
         K = kernels(ctx.backend)
         gx, math = gemm_module(ctx.backend), ctx.math
         ws = self._workspace if ctx.backend == "numpy" else None
-        p = self.params
+        opts = {"workspace": ws} if ctx.backend == "numpy" else {"sweep": self.sweep, "math": math}
         new_grads = {}     # added to self.grads only once every GEMM has run
-        ones = xp.ones(T * B, self.dtype)   # bias sums as GEMVs over the T*B rows: BLAS, several times numpy's sum
+        rows = max(t1 - t0 for t0, t1 in ctx.segments) * B
+        ones = xp.ones(rows, self.dtype)   # bias sums as GEMVs over a segment's rows: BLAS, several times numpy's sum
         dstate0 = tuple(xp.empty_like(s) for s in dstate_n)
         dout = dy
         for layer in reversed(range(self.num_layers)):
             inp = ctx.inputs[layer]
-            inp2d = inp.reshape(T * B, -1)
-            dgx2ds = []
             lane = Lanes(gx, D)                 # the directions on streams of their own (GPU)
+            # (T, B, in_l) the input's gradient: one buffer both directions add into on one stream; one each on
+            # two streams (no two streams write one buffer), summed once they joined
+            dinps = []
             for d, suffix in enumerate(self._suffixes(layer)):
                 with lane(d):
-                    k = layer * D + d
-                    kctx = ctx.sweeps[k]
-                    dy_d = dout if D == 1 else xp.ascontiguousarray(dout[:, :, d * H:(d + 1) * H])
-                    if d == 1:
-                        dy_d = reverse_time(dy_d, ctx.rev_index)
-                    dgx, dgh, ds0 = K.backward(kctx, dy_d, tuple(s[k] for s in dstate_n))
+                    own = d == 0 or lane.streams is not None
+                    dinp = xp.empty_like(inp) if own else dinps[0]
+                    run = ctx.sweeps[layer * D + d]
+                    grads, ds0 = segments.backward(K, opts, run, inp, dout[:, :, d * P:(d + 1) * P],
+                                                   tuple(s[run.index] for s in dstate_n), ctx.lengths, ctx.segments,
+                                                   ctx.memory, dinp, own, self.bias, ones, gx, math, ws)
                     for dst, src in zip(dstate0, ds0):
-                        dst[k] = src
-                    GH = dgx.shape[2]
-                    shared = dgh is dgx        # every cell but the GRU: dL/d(xw) = dL/d(h W_hh^T)
-                    # W_hh sees h_prev: h0 at step 0, then y[t-1] (kernel time order); the GPU sweeps keep them as
-                    # one (T, B, H) buffer, so dW_hh is one GEMM over all T*B rows
-                    h_prev = getattr(kctx, "h_prev", None)
-                    if h_prev is not None:
-                        gw = matmul(gx, ws, dgh.reshape(-1, GH).T, h_prev.reshape(-1, H), math)    # (GH, H)
-                    else:
-                        gw = matmul(xp, ws, dgh[0].T, kctx.h0)
-                        if T > 1:
-                            gw += matmul(xp, ws, dgh[1:].reshape(-1, GH).T, kctx.y[:-1].reshape(-1, H))
-                    new_grads[f"weight_hh{suffix}"] = gw
-                    dgh_sum = ones @ dgh.reshape(T * B, GH) if self.bias else None      # (GH,)
-                    if d == 1:
-                        dgx = reverse_time(dgx, ctx.rev_index)
-                    dgx2d = dgx.reshape(T * B, GH)
-                    new_grads[f"weight_ih{suffix}"] = matmul(gx, ws, dgx2d.T, inp2d, math)    # (GH, in_l)
-                    dgx2ds.append(dgx2d)
-                    if self.bias:
-                        new_grads[f"bias_hh{suffix}"] = dgh_sum
-                        new_grads[f"bias_ih{suffix}"] = dgh_sum if shared else ones @ dgx2d
-            dinp = None          # (T*B, in_l): the directions' shares, summed by the GEMMs after the lanes joined
-            for dgx2d, suffix in zip(dgx2ds, self._suffixes(layer)):
-                dinp = matmul(gx, ws, dgx2d, p[f"weight_ih{suffix}"], math, out=dinp)
-            dout = dinp.reshape(T, B, -1)
+                        dst[run.index] = src
+                    new_grads.update({f"{k}{suffix}": g for k, g in grads.items()})
+                    if own:
+                        dinps.append(dinp)
+            dout = dinps[0]
+            for dinp in dinps[1:]:
+                dout += dinp
             if layer and ctx.masks:           # layer's input was out_{layer-1} * mask: d out = d input * mask
                 dout = dout * ctx.masks[layer - 1]
         dout = only_valid_steps(dout, ctx.valid)      # 0 at padded steps, even where W_ih holds NaN or Inf
@@ -320,6 +390,8 @@ class RNN(_Recurrent):
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", **kwargs):
         self.nonlinearity = checks.choice(nonlinearity, "nonlinearity", ("tanh", "relu", "sigmoid"))
         self.cell = f"rnn_{nonlinearity}"
+        if kwargs.get("proj_size"):
+            raise ValueError("proj_size is an LSTM option")
         super().__init__(input_size, hidden_size, num_layers, **kwargs)
 
     @property
@@ -331,7 +403,9 @@ class LSTM(_Recurrent):
     """LSTM, gates i, f, g, o: c' = f c + i g, h' = o tanh(c').
 
     forget_bias: when a number, the forget gate's bias starts there (bias_ih's f slice = forget_bias, bias_hh's = 0,
-    so b_f = forget_bias), after `init` drew the rest; a common choice is 1.0."""
+    so b_f = forget_bias), after `init` drew the rest; a common choice is 1.0.
+    proj_size: P > 0 projects h as torch's LSTM does: h' = W_hr (o tanh(c')) with weight_hr_l{k} (P, H), so h and the
+    outputs are P wide and weight_hh_l{k} is (4H, P); c stays H wide."""
     cell = "lstm"
 
     def __init__(self, input_size, hidden_size, num_layers=1, *args, forget_bias=None, **kwargs):
@@ -349,12 +423,35 @@ class LSTM(_Recurrent):
 
     @property
     def config(self):
-        return {**super().config, "forget_bias": self.forget_bias}
+        return {**super().config, "forget_bias": self.forget_bias, "proj_size": self.proj_size}
 
 
 class GRU(_Recurrent):
     """GRU, gates r, z, n: n = tanh(x W_in^T + b_in + r (h W_hn^T + b_hn)), h' = (1 - z) n + z h."""
     cell = "gru"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, **kwargs):
+        if kwargs.get("proj_size"):
+            raise ValueError("proj_size is an LSTM option")
+        super().__init__(input_size, hidden_size, num_layers, **kwargs)
+
+
+class LayerNormLSTM(LSTM):
+    """LSTM with layer normalisation, LN(v; gamma) = gamma (v - mean v) / sqrt(var v + 1e-5) over each row's 4H
+    gate pre-activations (biased variance) and over c:
+        a = LN(x W_ih^T; gamma_ih) + LN(h W_hh^T; gamma_hh) + b_ih + b_hh,  gates i, f, g, o as the LSTM's,
+        c' = f c + i g,  h' = o tanh(LN(c'; gamma_c) + beta_c).
+    Parameters per layer and direction: the LSTM's, plus gamma_ih_l{k}, gamma_hh_l{k} (4H,) starting at 1 and
+    gamma_c_l{k}, beta_c_l{k} (H,) at 1 and 0. Everything else as LSTM (zoneout, weight_drop, proj_size, memory)."""
+    layer_norm = True
+
+
+class LayerNormGRU(GRU):
+    """GRU with layer normalisation of both projections (LN as in LayerNormLSTM, over each row's 3H entries):
+        gi = LN(x W_ih^T; gamma_ih) + b_ih,  gh = LN(h W_hh^T; gamma_hh) + b_hh,
+        r = sigmoid(gi_r + gh_r),  z = sigmoid(gi_z + gh_z),  n = tanh(gi_n + r gh_n),  h' = (1 - z) n + z h.
+    Parameters: the GRU's, plus gamma_ih_l{k}, gamma_hh_l{k} (3H,) starting at 1."""
+    layer_norm = True
 
 
 class JordanRNN(Module):
@@ -423,7 +520,8 @@ class JordanRNN(Module):
         y, y_n, kctx = kernels(name).jordan_forward(xw, p["weight_yh"], p["weight_hy"], p["bias_y"], y0[0], lens,
                                                     self.nonlinearity, self.output_nonlinearity, training)
         checks.ensure_finite(self, {"y": y}, not_finite("the output of the Jordan layer"))
-        ctx = LayerCtx(self, name, False, (T, B), None, [x], [kctx], retain=retain, valid=valid) if training else None
+        ctx = (LayerCtx(self, name, False, (T, B), None, None, lens, [x], [kctx], retain=retain, valid=valid)
+               if training else None)
         return (y.copy() if training else y), y_n[None], ctx          # the sweep's y stays the ctx's own
 
     @checks.consumes_ctx

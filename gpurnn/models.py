@@ -7,7 +7,9 @@ Its parts are children (`model.rnn`, `model.head`, ...), so `named_parameters()`
 `state_dict()` / `load_state_dict()` cover all of them; `config` is the dict `build_model(config)` turns back
 into the same model (a checkpoint stores it).
 dropout=p: on the embedding's output, between stacked recurrent layers and on the recurrent output before the
-head (the recipe of PyTorch's word language model), in training only.
+head (the recipe of PyTorch's word language model), in training only. cell: "lstm", "gru", "lnlstm"
+(LayerNormLSTM), "lngru" (LayerNormGRU), "rnn_tanh" | "rnn_relu" | "rnn_sigmoid"; zoneout, weight_drop, proj_size
+(the LSTMs) and memory go to the recurrent layer(s) (see gpurnn.layers).
 Time-major shapes: x (T, B, I) or ids (T, B) ((B, T, ...) with batch_first); state as the recurrent layer's
 (h, or (h, c) for the LSTM).
 A model's ctx serves one backward unless forward had `retain=True` (its parts' ctxs are retained, so the model's
@@ -20,21 +22,48 @@ import numpy as np
 
 from . import checks
 from .backend import to_host
-from .layers import GRU, LSTM, RNN, JordanRNN
+from .layers import GRU, LSTM, RNN, JordanRNN, LayerNormGRU, LayerNormLSTM
 from .module import Module
 from .nn import Dropout, Embedding, Linear, SavedCtx, saved
 from .sequential import Sequential, chain_backward, chain_forward, retained
 
-RNN_CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid")
+RNN_CELLS = ("lstm", "gru", "lnlstm", "lngru", "rnn_tanh", "rnn_relu", "rnn_sigmoid")
+LAYERS = {"lstm": LSTM, "gru": GRU, "lnlstm": LayerNormLSTM, "lngru": LayerNormGRU}
+RNN_OPTIONS = dict(zoneout=0.0, weight_drop=0.0, proj_size=0, memory="full")   # the recurrent layer's, with defaults
 
 
-def make_rnn(cell, input_size, hidden_size, num_layers, dropout, dtype, backend, seed, batch_first=False):
-    """The recurrent layer for a cell name: "lstm", "gru" or "rnn_<tanh|relu|sigmoid>"."""
+def make_rnn(cell, input_size, hidden_size, num_layers, dropout, dtype, backend, seed, batch_first=False, **options):
+    """The recurrent layer for a cell name: "lstm", "gru", "lnlstm" (LayerNormLSTM), "lngru" (LayerNormGRU) or
+    "rnn_<tanh|relu|sigmoid>". options: the layer's zoneout, weight_drop, proj_size (LSTMs), memory."""
     kwargs = dict(num_layers=num_layers, dropout=dropout if num_layers > 1 else 0.0, batch_first=batch_first,
-                  dtype=dtype, backend=backend, seed=seed)
+                  dtype=dtype, backend=backend, seed=seed, **{k: v for k, v in options.items() if v != RNN_OPTIONS[k]})
     if cell.startswith("rnn_"):
         return RNN(input_size, hidden_size, nonlinearity=cell[4:], **kwargs)
-    return (LSTM if cell == "lstm" else GRU)(input_size, hidden_size, **kwargs)
+    return LAYERS[cell](input_size, hidden_size, **kwargs)
+
+
+def rnn_options(cell, zoneout, weight_drop, proj_size, memory):
+    """The recurrent options of a model's config, checked (as the layer would, before anything is built)."""
+    lstm = is_lstm(cell)
+    if lstm and isinstance(zoneout, (tuple, list)):
+        if len(zoneout) != 2:
+            raise ValueError(f"zoneout must be a number or a pair (p_h, p_c), got {zoneout!r}")
+        zoneout = [checks.number(p, f"zoneout[{k}]", 0.0, 1.0, high_open=True) for k, p in enumerate(zoneout)]
+    else:
+        zoneout = checks.number(zoneout, "zoneout", 0.0, 1.0, high_open=True)
+    proj_size = checks.positive_int(proj_size, "proj_size", minimum=0)
+    if proj_size and not lstm:
+        raise ValueError(f"proj_size is an LSTM option (cell 'lstm' or 'lnlstm'), got cell {cell!r}")
+    return dict(zoneout=zoneout, weight_drop=checks.number(weight_drop, "weight_drop", 0.0, 1.0, high_open=True),
+                proj_size=proj_size, memory=checks.choice(memory, "memory", ("full", "checkpoint")))
+
+
+def rnn_kwargs(zoneout, weight_drop, proj_size, memory):
+    return dict(zoneout=zoneout, weight_drop=weight_drop, proj_size=proj_size, memory=memory)
+
+
+def is_lstm(cell):
+    return cell in ("lstm", "lnlstm")
 
 
 def sub_seeds(seed, n):
@@ -42,13 +71,15 @@ def sub_seeds(seed, n):
     return [int(s) for s in np.random.SeedSequence(checks.seed(seed)).generate_state(n)]
 
 
-def model_config(kind, sizes, cell, num_layers, dropout, dtype, **extra):
-    """The validated config of a model: sizes (name -> positive int, or None where allowed) and the rest."""
+def model_config(kind, sizes, cell, num_layers, dropout, dtype, options, **extra):
+    """The validated config of a model: sizes (name -> positive int, or None where allowed), the recurrent layer's
+    options (RNN_OPTIONS) and the rest."""
     config = {"kind": kind}
     for name, (value, optional) in sizes.items():
         config[name] = None if (optional and value is None) else checks.positive_int(value, name)
     config.update(cell=checks.choice(cell, "cell", RNN_CELLS), num_layers=checks.positive_int(num_layers, "num_layers"),
                   dropout=checks.number(dropout, "dropout", 0.0, 1.0), dtype=checks.float_dtype(dtype).name)
+    config.update(rnn_options(cell, **options))
     config.update(extra)
     return config
 
@@ -82,7 +113,8 @@ class SequenceModel(Module):
         return self._modules
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self._config.items() if k not in ("kind", "vocab"))
+        args = ", ".join(f"{k}={v!r}" for k, v in self._config.items() if k not in ("kind", "vocab") and
+                         (k not in RNN_OPTIONS or v != RNN_OPTIONS[k]))
         return f"{type(self).__name__}({args})"
 
     def recurrent_blocks(self, embedding="embedding", rnn="rnn"):
@@ -97,9 +129,9 @@ class SequenceModel(Module):
         return ([parts["dropout"]] if "dropout" in parts else []) + [parts["head"]]
 
 
-def lstm_state(cell, h, xp):
-    """The layer's state for an initial h (L, B, H): h, or (h, zeros) for the LSTM."""
-    return (h, xp.zeros_like(h)) if cell == "lstm" else h
+def lstm_state(rnn, h, xp):
+    """The layer's state for an initial h (L, B, P): h, or (h, zeros (L, B, H)) for the LSTMs."""
+    return (h, xp.zeros(h.shape[:2] + (rnn.hidden_size,), h.dtype)) if rnn.cell == "lstm" else h
 
 
 def state_h(state):
@@ -116,8 +148,8 @@ def build_stack(config, backend, seed):
         parts["embedding"] = Embedding(c["input_size"], c["embedding_dim"], dtype=dtype, seed=s[0])
         rnn_in = c["embedding_dim"]
     parts["rnn"] = make_rnn(c["cell"], rnn_in, c["hidden_size"], c["num_layers"], c["dropout"], dtype, backend,
-                            s[1], c.get("batch_first", False))
-    parts["head"] = Linear(c["hidden_size"], c["output_size"], dtype=dtype, seed=s[2])
+                            s[1], c.get("batch_first", False), **{k: c.get(k, v) for k, v in RNN_OPTIONS.items()})
+    parts["head"] = Linear(parts["rnn"].state_size, c["output_size"], dtype=dtype, seed=s[2])
     if c["dropout"]:
         parts["dropout"] = Dropout(c["dropout"], seed=s[4])
     return parts
@@ -128,10 +160,12 @@ class Tagger(SequenceModel):
     given (input_size is then the vocabulary size). out (T, B, output_size); (B, T, ...) with batch_first."""
 
     def __init__(self, input_size, hidden_size, output_size, cell="lstm", num_layers=1, embedding_dim=None,
-                 dropout=0.0, batch_first=False, dtype="float32", backend="auto", seed=None):
+                 dropout=0.0, batch_first=False, dtype="float32", backend="auto", seed=None, zoneout=0.0,
+                 weight_drop=0.0, proj_size=0, memory="full"):
         config = model_config(type(self).__name__, dict(input_size=(input_size, False),
                               hidden_size=(hidden_size, False), output_size=(output_size, False),
                               embedding_dim=(embedding_dim, True)), cell, num_layers, dropout, dtype,
+                              rnn_kwargs(zoneout, weight_drop, proj_size, memory),
                               batch_first=checks.flag(batch_first, "batch_first"))
         super().__init__(config, build_stack(config, backend, seed))
 
@@ -174,14 +208,17 @@ class CharLM(Tagger):
     """
 
     def __init__(self, vocab, hidden_size=256, num_layers=1, cell="lstm", embedding_dim=64, dropout=0.0,
-                 dtype="float32", backend="auto", seed=None):
+                 dtype="float32", backend="auto", seed=None, zoneout=0.0,
+                 weight_drop=0.0, proj_size=0, memory="full"):
         if not isinstance(vocab, str) or len(vocab) < 2 or len(set(vocab)) != len(vocab):
             raise ValueError(f"vocab must be a str of at least 2 distinct characters, got {vocab!r:.60}")
         super().__init__(len(vocab), hidden_size, len(vocab), cell, num_layers, embedding_dim, dropout,
-                         dtype=dtype, backend=backend, seed=seed)
+                         dtype=dtype, backend=backend, seed=seed, zoneout=zoneout, weight_drop=weight_drop,
+                         proj_size=proj_size, memory=memory)
         c = self._config
         self._config = dict(kind="CharLM", vocab=vocab, hidden_size=c["hidden_size"], num_layers=c["num_layers"],
-                            cell=c["cell"], embedding_dim=c["embedding_dim"], dropout=c["dropout"], dtype=c["dtype"])
+                            cell=c["cell"], embedding_dim=c["embedding_dim"], dropout=c["dropout"], dtype=c["dtype"],
+                            **{k: c[k] for k in RNN_OPTIONS})
         self.vocab = vocab
         self.index = {ch: i for i, ch in enumerate(vocab)}
         self.sample_rng = np.random.default_rng(sub_seeds(seed, 4)[3])
@@ -233,10 +270,12 @@ class Classifier(SequenceModel):
     scores are class logits or, with MSELoss, regression values."""
 
     def __init__(self, input_size, hidden_size, output_size, cell="lstm", num_layers=1, embedding_dim=None,
-                 dropout=0.0, batch_first=False, dtype="float32", backend="auto", seed=None):
+                 dropout=0.0, batch_first=False, dtype="float32", backend="auto", seed=None, zoneout=0.0,
+                 weight_drop=0.0, proj_size=0, memory="full"):
         config = model_config("Classifier", dict(input_size=(input_size, False), hidden_size=(hidden_size, False),
                               output_size=(output_size, False), embedding_dim=(embedding_dim, True)),
-                              cell, num_layers, dropout, dtype, batch_first=checks.flag(batch_first, "batch_first"))
+                              cell, num_layers, dropout, dtype, rnn_kwargs(zoneout, weight_drop, proj_size, memory),
+                              batch_first=checks.flag(batch_first, "batch_first"))
         super().__init__(config, build_stack(config, backend, seed))
 
     def forward(self, x, state=None, lengths=None, training=None, retain=False):
@@ -301,10 +340,10 @@ class Decoder:
         return rollout(self.blocks(), xp.full(batch, self.start), state0, steps, greedy)[0]
 
 
-def decoder_parts(vocab_size, hidden_size, cell, num_layers, embedding_dim, dropout, dtype, backend, seed):
-    config = dict(input_size=vocab_size + 1, hidden_size=hidden_size, output_size=vocab_size, cell=cell,
-                  num_layers=num_layers, embedding_dim=embedding_dim, dropout=dropout, dtype=dtype)
-    return build_stack(config, backend, seed)
+def decoder_parts(config, vocab_size, backend, seed):
+    """A decoder's parts over vocab_size for a model's config (its cell, sizes and recurrent options)."""
+    c = config
+    return build_stack(dict(c, input_size=vocab_size + 1, output_size=vocab_size), backend, seed)
 
 
 class Generator(SequenceModel):
@@ -313,24 +352,25 @@ class Generator(SequenceModel):
     choice at inference). forward(v, targets (T, B)) -> logits (T, B, vocab_size); targets < 0 are padding."""
 
     def __init__(self, input_size, hidden_size, vocab_size, cell="lstm", num_layers=1, embedding_dim=16,
-                 dropout=0.0, dtype="float32", backend="auto", seed=None):
+                 dropout=0.0, dtype="float32", backend="auto", seed=None, zoneout=0.0,
+                 weight_drop=0.0, proj_size=0, memory="full"):
         c = model_config("Generator", dict(input_size=(input_size, False), hidden_size=(hidden_size, False),
                          vocab_size=(vocab_size, False), embedding_dim=(embedding_dim, False)),
-                         cell, num_layers, dropout, dtype)
+                         cell, num_layers, dropout, dtype, rnn_kwargs(zoneout, weight_drop, proj_size, memory))
         s = sub_seeds(seed, 2)
-        parts = {"init": Linear(c["input_size"], c["num_layers"] * c["hidden_size"], dtype=dtype, seed=s[0])}
-        parts.update(decoder_parts(c["vocab_size"], c["hidden_size"], c["cell"], c["num_layers"],
-                                   c["embedding_dim"], c["dropout"], c["dtype"], backend, s[1]))
+        P = c["proj_size"] or c["hidden_size"]
+        parts = {"init": Linear(c["input_size"], c["num_layers"] * P, dtype=dtype, seed=s[0])}
+        parts.update(decoder_parts(c, c["vocab_size"], backend, s[1]))
         super().__init__(c, parts)
         self.decoder = Decoder(self, c["vocab_size"], "targets")
 
     def initial_state(self, v, training):
-        """state0 from v (B, I): h0 (L, B, H) = tanh(v W^T + b), c0 = 0."""
-        L, H = self.rnn.num_layers, self.rnn.hidden_size
-        pre, ictx = self.parts["init"].forward(v, training=training)            # (B, L*H)
+        """state0 from v (B, I): h0 (L, B, P) = tanh(v W^T + b), c0 = 0 (P = proj_size or hidden_size)."""
+        L, P = self.rnn.num_layers, self.rnn.state_size
+        pre, ictx = self.parts["init"].forward(v, training=training)            # (B, L*P)
         retained(ictx)
-        h0 = self.xp.ascontiguousarray(self.xp.tanh(pre).reshape(-1, L, H).transpose(1, 0, 2))   # (L, B, H)
-        return lstm_state(self._config["cell"], h0, self.xp), (ictx, h0)
+        h0 = self.xp.ascontiguousarray(self.xp.tanh(pre).reshape(-1, L, P).transpose(1, 0, 2))   # (L, B, P)
+        return lstm_state(self.rnn, h0, self.xp), (ictx, h0)
 
     def forward(self, v, targets, training=None, retain=False):
         """logits (T, B, vocab_size), state_n, ctx."""
@@ -344,8 +384,8 @@ class Generator(SequenceModel):
     def backward(self, ctx, dout, dstate=None):
         """dv (B, I), None. dout: (T, B, vocab_size)."""
         (ictx, h0), dctxs = saved(ctx, self)
-        dh0 = state_h(self.decoder.backward(dctxs, dout, dstate))             # (L, B, H)
-        # h0 = tanh(pre):  dpre = dh0 (1 - h0^2), laid back out as (B, L*H)
+        dh0 = state_h(self.decoder.backward(dctxs, dout, dstate))             # (L, B, P)
+        # h0 = tanh(pre):  dpre = dh0 (1 - h0^2), laid back out as (B, L*P)
         dpre = (dh0 * (1 - h0 * h0)).transpose(1, 0, 2).reshape(h0.shape[1], -1)
         return self.parts["init"].backward(ictx, self.xp.ascontiguousarray(dpre)), None
 
@@ -362,15 +402,17 @@ class Seq2Seq(SequenceModel):
     inference (generate)."""
 
     def __init__(self, src_vocab, tgt_vocab, hidden_size, cell="lstm", num_layers=1, embedding_dim=16,
-                 dropout=0.0, dtype="float32", backend="auto", seed=None):
+                 dropout=0.0, dtype="float32", backend="auto", seed=None, zoneout=0.0,
+                 weight_drop=0.0, proj_size=0, memory="full"):
         c = model_config("Seq2Seq", dict(src_vocab=(src_vocab, False), tgt_vocab=(tgt_vocab, False),
                          hidden_size=(hidden_size, False), embedding_dim=(embedding_dim, False)),
-                         cell, num_layers, dropout, dtype)
+                         cell, num_layers, dropout, dtype, rnn_kwargs(zoneout, weight_drop, proj_size, memory))
         s = sub_seeds(seed, 4)
         E, H, L = c["embedding_dim"], c["hidden_size"], c["num_layers"]
         parts = {"src_embedding": Embedding(c["src_vocab"], E, dtype=dtype, seed=s[0]),
-                 "encoder": make_rnn(c["cell"], E, H, L, c["dropout"], dtype, backend, s[1])}
-        parts.update(decoder_parts(c["tgt_vocab"], H, c["cell"], L, E, c["dropout"], c["dtype"], backend, s[2]))
+                 "encoder": make_rnn(c["cell"], E, H, L, c["dropout"], dtype, backend, s[1],
+                                     **{k: c[k] for k in RNN_OPTIONS})}
+        parts.update(decoder_parts(c, c["tgt_vocab"], backend, s[2]))
         super().__init__(c, parts)
         self.decoder = Decoder(self, c["tgt_vocab"], "tgt")
 
@@ -404,8 +446,8 @@ class Seq2Seq(SequenceModel):
         return self.decoder.greedy(state, np.shape(src)[1], steps)
 
 
-KINDS = {cls.__name__: cls for cls in (Tagger, CharLM, Classifier, Generator, Seq2Seq, RNN, LSTM, GRU, JordanRNN,
-                                       Linear, Embedding, Dropout, Sequential)}
+KINDS = {cls.__name__: cls for cls in (Tagger, CharLM, Classifier, Generator, Seq2Seq, RNN, LSTM, GRU, LayerNormLSTM,
+                                       LayerNormGRU, JordanRNN, Linear, Embedding, Dropout, Sequential)}
 MODELS = KINDS      # the name older code used
 
 

@@ -98,6 +98,21 @@ def all_finite(state):
     return all(bool(array_module(s).isfinite(s).all()) for s in parts)
 
 
+def model_rng_state(model):
+    """The generators of the model's modules (their dropout, zoneout and weight_drop masks), or None for a model
+    without them."""
+    return model.rng_state() if hasattr(model, "rng_state") else None
+
+
+def config_differences(saved, mine):
+    """The keys in which two model configs differ. A config from before the recurrent options (gpurnn.models.
+    RNN_OPTIONS) holds their defaults; `memory` changes no result (checkpointed gradients are full ones bit for bit),
+    so a run may resume under the other mode."""
+    from .models import RNN_OPTIONS
+    keys = (set(saved) | set(mine)) - {"memory"}
+    return sorted(k for k in keys if saved.get(k, RNN_OPTIONS.get(k)) != mine.get(k, RNN_OPTIONS.get(k)))
+
+
 class Trainer:
     """Trains `model` on batches from `data(step, rng) -> (inputs, target)`.
 
@@ -384,7 +399,8 @@ class Trainer:
                 (getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name))}
 
     def state_dict(self):
-        """Everything needed to continue exactly: parameters, optimizer, RNGs, data position, carried state.
+        """Everything needed to continue exactly: parameters, optimizer, RNGs (the trainer's, the sampler's and the
+        model's modules', which draw dropout, zoneout and weight_drop masks), data position, carried state.
         Distributed: the whole batch's carried state, gathered from every rank (so every rank must call it), and no
         other per-rank state, so a run resumes on any number of ranks."""
         model = self.model
@@ -393,7 +409,7 @@ class Trainer:
         return dict(model_config=getattr(model, "config", {"kind": type(model).__name__}),
                     model=model.state_dict(), optimizer=self.optimizer.state_dict(),
                     trainer=dict(step=self.step, updates=self.updates, skipped=self.skipped,
-                                 rng=self.rng.bit_generator.state,
+                                 rng=self.rng.bit_generator.state, model_rng=model_rng_state(model),
                                  sample_rng=None if sample_rng is None else sample_rng.bit_generator.state,
                                  state=map_state(lambda s: to_host(s, copy=True), state),
                                  history=list(self.history), tbptt=self.tbptt, stateful=self.stateful))
@@ -405,8 +421,8 @@ class Trainer:
         if problems:
             raise ValueError("not a usable trainer checkpoint: " + "; ".join(problems))
         mine = getattr(self.model, "config", {"kind": type(self.model).__name__})
-        if sd["model_config"] != mine:
-            diff = sorted(k for k in set(mine) | set(sd["model_config"]) if mine.get(k) != sd["model_config"].get(k))
+        diff = config_differences(sd["model_config"], mine)
+        if diff:
             raise ValueError(f"the checkpoint holds another model ({sd['model_config'].get('kind')}; differs in "
                              f"{', '.join(diff)}) than this one ({mine.get('kind')})")
         t = sd["trainer"]
@@ -426,6 +442,8 @@ class Trainer:
         try:
             self.model.load_state_dict(sd["model"])
             self.optimizer.load_state_dict(sd["optimizer"])
+            if t.get("model_rng") is not None and model_rng_state(self.model) is not None:
+                self.model.load_rng_state(t["model_rng"])      # dropout, zoneout and weight_drop masks go on alike
         except (TypeError, ValueError):
             self.model.load_state_dict(model_before)
             self.optimizer.load_state_dict(optimizer_before)
@@ -447,11 +465,11 @@ class Trainer:
             raise ValueError("trainer.state (the carried recurrent state) must be float arrays")
         rnn = getattr(self.model, "rnn", None)
         if rnn is not None:
-            L, H = rnn.num_layers * rnn.num_directions, rnn.hidden_size
-            if len(parts) != (2 if rnn.cell == "lstm" else 1) or \
-                    any(s.ndim != 3 or s.shape[0] != L or s.shape[2] != H for s in parts):
+            want = [(L, "batch", size) for L, _, size in rnn.state_shapes(0)]      # h (P wide), and c for the LSTMs
+            if len(parts) != len(want) or \
+                    any(s.ndim != 3 or (s.shape[0], s.shape[2]) != (w[0], w[2]) for s, w in zip(parts, want)):
                 raise ValueError(f"trainer.state has shapes {[s.shape for s in parts]}, the model's state is "
-                                 f"({L}, batch, {H})" + (" twice (h, c)" if rnn.cell == "lstm" else ""))
+                                 + " and ".join(f"({L}, batch, {size})" for L, _, size in want))
         if not all(np.isfinite(s).all() for s in parts):
             raise ValueError("trainer.state (the carried recurrent state) holds NaN or Inf")
         xp = self.model.xp if hasattr(self.model, "xp") else np

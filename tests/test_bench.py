@@ -85,3 +85,21 @@ def test_step_and_persistent_side_by_side(capsys):
     assert bench.main(["--backend", "numba", "--sweep", "step", "persistent", "--cells", "gru", "--sizes", "4,2,8",
                        "--repeats", "1", "--mode", "inference", "--json"]) == 0
     assert [r["sweep"] for r in json.loads(capsys.readouterr().out)["rows"]] == ["step", "persistent"]
+
+
+def test_memory_rows_report_both_modes(capsys):
+    """--memory: our training step timed in both memory modes and its peak memory measured in each (fresh
+    processes); the LayerNorm cells have no peer."""
+    assert bench.main(["--cells", "lnlstm", "lstm", "--sizes", "6,2,4", "--repeats", "1", "--mode", "train",
+                       "--memory", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["cell"] for r in rows] == ["lnlstm", "lstm"] and rows[0]["peer_ms"] is None
+    for r in rows:
+        assert r["ckpt_ms"] > 0 and r["ckpt_time_ratio"] == pytest.approx(r["ckpt_ms"] / r["ours_ms"])
+        assert r["ours_peak_mib"] >= 0 and r["ckpt_peak_mib"] >= 0
+    assert bench.gemm_flops("lnlstm", 6, 2, 4) == bench.gemm_flops("lstm", 6, 2, 4)
+
+
+def test_profile_refuses_the_layer_norm_cells(capsys):
+    assert bench.main(["--profile", "--cells", "lnlstm", "--sizes", "2,1,2"]) == 2
+    assert "--profile" in capsys.readouterr().err

@@ -348,3 +348,37 @@ def test_a_bad_invocation_of_the_real_command_has_no_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "gpurnn", "train", "--clip", "inf", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_train_takes_the_variants_and_resumes_exactly_under_the_other_memory_mode(tmp_path, corpus, capsys):
+    """lnlstm with zoneout, DropConnect and a projection; a checkpointed run resumed in full memory mode trains
+    exactly as one uninterrupted run (the modes' gradients are the same bit for bit)."""
+    variant = ["--cell", "lnlstm", "--zoneout", "0.1", "--weight-drop", "0.2", "--proj-size", "5"]
+    assert train(tmp_path, corpus, 8, "whole", *variant) == 0
+    assert train(tmp_path, corpus, 5, "split", *variant, "--memory", "checkpoint") == 0
+    config = saved(tmp_path, "split")["model_config"]
+    assert (config["cell"], config["zoneout"], config["weight_drop"], config["proj_size"], config["memory"]) == \
+        ("lnlstm", 0.1, 0.2, 5, "checkpoint")
+    assert train(tmp_path, corpus, 3, "split", "--resume", "--memory", "full") == 0
+    assert losses(tmp_path, "split") == losses(tmp_path, "whole")
+    for k, v in saved(tmp_path, "whole")["model"].items():
+        np.testing.assert_array_equal(saved(tmp_path, "split")["model"][k], v)
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--cell", "gru", "--proj-size", "4"], "--proj-size 4 needs --cell lstm or lnlstm"),
+    (["--proj-size", "8"], "must be smaller than --hidden (8)"),
+    (["--zoneout", "1"], "expected a number in [0, 1)"),
+    (["--weight-drop", "-0.1"], "expected a number in [0, 1)"),
+    (["--memory", "disk"], "invalid choice")])
+def test_bad_variant_options_exit_2(tmp_path, corpus, capsys, extra, words):
+    code, err = run_cli(["train", "--data", corpus, "--out", str(tmp_path / "run"), "--steps", "2", *TINY, *extra],
+                        capsys)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+def test_resume_refuses_another_zoneout(tmp_path, corpus, capsys):
+    assert train(tmp_path, corpus, 3, "run", "--zoneout", "0.1") == 0
+    assert train(tmp_path, corpus, 2, "run", "--resume", "--zoneout", "0.2") == 2
+    assert "--zoneout 0.2 (checkpoint: 0.1)" in capsys.readouterr().err

@@ -151,9 +151,10 @@ def test_layer_masks_preserve_the_mean_of_each_layers_output():
     n = 40 * 25 * 50
     for mask in ctx.masks:
         assert abs(float(mask.mean(dtype=np.float64)) - 1.0) < 5 * math.sqrt(0.3 / 0.7 / n)
-    # the next layer reads output * mask: inputs[l + 1] == outputs of layer l (its sweep's y) * mask
+    # the next layer reads output * mask: inputs[l + 1] == outputs of layer l (its segments' sweeps' y) * mask
     for layer_index, mask in enumerate(ctx.masks):
-        np.testing.assert_array_equal(ctx.inputs[layer_index + 1], ctx.sweeps[layer_index].y * mask)
+        y = np.concatenate([kctx.y for kctx in ctx.sweeps[layer_index].ctxs])
+        np.testing.assert_array_equal(ctx.inputs[layer_index + 1], y * mask)
 
 
 def test_masks_are_seeded():

@@ -3,26 +3,7 @@ import numpy as np
 import pytest
 
 import gpurnn
-from util import CELLS, make_layer, numeric_grad, random_problem
-
-
-def as_tuple(v):
-    return v if isinstance(v, tuple) else (v,)
-
-
-def check_layer_gradients(layer, x, state, lengths, dy, dstate):
-    """layer.backward's gradients of L = <y, dy> + <state_n, dstate> against central differences of L."""
-    def loss():
-        y, state_n, _ = layer.forward(x, state, lengths, training=False)
-        return float((y * dy).sum() + sum((s * d).sum() for s, d in zip(as_tuple(state_n), as_tuple(dstate))))
-
-    _, _, ctx = layer.forward(x, state, lengths)
-    dx, dstate0 = layer.backward(ctx, dy, dstate)
-    for name, p in layer.params.items():
-        np.testing.assert_allclose(layer.grads[name], numeric_grad(loss, p), rtol=1e-5, atol=1e-7, err_msg=name)
-    np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=1e-5, atol=1e-7, err_msg="x")
-    for i, (s, ds) in enumerate(zip(as_tuple(state), as_tuple(dstate0))):
-        np.testing.assert_allclose(ds, numeric_grad(loss, s), rtol=1e-5, atol=1e-7, err_msg=f"state[{i}]")
+from util import CELLS, check_layer_gradients, make_layer, random_problem
 
 
 @pytest.mark.parametrize("cell", CELLS)

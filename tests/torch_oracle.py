@@ -21,12 +21,14 @@ def activation(name):
 
 
 def twin(layer, dtype=None):
-    """torch's module of the layer's kind (a torch cell), holding the layer's weights, in `dtype` (default: the
-    layer's)."""
+    """torch's module of the layer's kind (a torch cell, an LSTM's proj_size too), holding the layer's weights, in
+    `dtype` (default: the layer's)."""
     torch = _torch()
     tdtype = getattr(torch, np.dtype(dtype or layer.dtype).name)
     kind = layer.cell.split("_")[0].upper()
     kwargs = {"nonlinearity": layer.nonlinearity} if kind == "RNN" else {}
+    if getattr(layer, "proj_size", 0):
+        kwargs["proj_size"] = layer.proj_size
     module = getattr(torch.nn, kind)(layer.input_size, layer.hidden_size, num_layers=layer.num_layers,
                                      bias=layer.bias, batch_first=layer.batch_first,
                                      bidirectional=layer.num_directions == 2, dtype=tdtype, **kwargs)

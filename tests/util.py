@@ -45,14 +45,15 @@ def random_problem(layer, T, B, rng, ragged=False):
     D, L, H = layer.num_directions, layer.num_layers, layer.hidden_size
     dt = layer.dtype
     x = rng.standard_normal((B, T, layer.input_size) if layer.batch_first else (T, B, layer.input_size)).astype(dt)
-    shape = (L * D, B, H)
+    P = getattr(layer, "state_size", H)                   # h's size (an LSTM's proj_size), c's is H
     lstm = layer.cell == "lstm"
-    state = tuple(rng.standard_normal(shape).astype(dt) for _ in range(2 if lstm else 1))
-    dstate = tuple(rng.standard_normal(shape).astype(dt) for _ in range(2 if lstm else 1))
+    shapes = [(L * D, B, P)] + ([(L * D, B, H)] if lstm else [])
+    state = tuple(rng.standard_normal(shape).astype(dt) for shape in shapes)
+    dstate = tuple(rng.standard_normal(shape).astype(dt) for shape in shapes)
     lengths = rng.integers(1, T + 1, size=B) if ragged else None
     if ragged:
         lengths[0] = T
-    y_shape = (B, T, D * H) if layer.batch_first else (T, B, D * H)
+    y_shape = (B, T, D * P) if layer.batch_first else (T, B, D * P)
     dy = rng.standard_normal(y_shape).astype(dt)
     unpack = (lambda s: s) if lstm else (lambda s: s[0])
     return x, unpack(state), lengths, dy, unpack(dstate)
@@ -107,3 +108,30 @@ def assert_same(a, b):
         assert np.isnan(b)
     else:
         assert a == b and type(a) is type(b) or isinstance(a, np.generic) and a.item() == b
+
+
+def as_tuple(v):
+    return v if isinstance(v, tuple) else (v,)
+
+
+def check_layer_gradients(layer, x, state, lengths, dy, dstate):
+    """layer.backward's gradients of L = <y, dy> + <state_n, dstate> against central differences of L, every
+    forward in training mode with the same random draws (dropout, zoneout and weight_drop masks): the layer's
+    generator is re-seeded before each."""
+    rng_state = layer.rng.bit_generator.state
+
+    def forward():
+        layer.rng.bit_generator.state = rng_state
+        return layer.forward(x, state, lengths, training=True)
+
+    def loss():
+        y, state_n, _ = forward()
+        return float((y * dy).sum() + sum((s * d).sum() for s, d in zip(as_tuple(state_n), as_tuple(dstate))))
+
+    _, _, ctx = forward()
+    dx, dstate0 = layer.backward(ctx, dy, dstate)
+    for name, p in layer.params.items():
+        np.testing.assert_allclose(layer.grads[name], numeric_grad(loss, p), rtol=1e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=1e-5, atol=1e-7, err_msg="x")
+    for i, (s, ds) in enumerate(zip(as_tuple(state), as_tuple(dstate0))):
+        np.testing.assert_allclose(ds, numeric_grad(loss, s), rtol=1e-5, atol=1e-7, err_msg=f"state[{i}]")
