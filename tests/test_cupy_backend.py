@@ -119,7 +119,7 @@ def altered_source(monkeypatch):
 def test_an_altered_kernel_fails_the_parity_check(altered_source):
     """The LSTM's cell-state carry dc_{t-1} = dc_t * f changed to dc_t * i: the check above must catch it."""
     check_layer("lstm", 4, 3, 2, 5, "float64", ragged=True)       # the real kernel passes
-    altered_source("dc[i] = dc_t * forget;", "dc[i] = dc_t * in;")
+    altered_source("dc[i] = forget * dc_tilde + dcz.prev;", "dc[i] = in * dc_tilde + dcz.prev;")
     with pytest.raises(AssertionError):
         check_layer("lstm", 4, 3, 2, 5, "float64", ragged=True)
 
