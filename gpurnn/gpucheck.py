@@ -209,8 +209,8 @@ def sanitizer_section(results):
 def workload(sizes=(3, 2, 5)):
     """One small sweep of every kernel the GPU backends launch: the per-step and persistent numba sweeps and the cupy
     sweeps (with its variants), forward and backward, each cell and activation, float32 and float64, ragged lengths,
-    Jordan with every pair of activations, and the bf16 conversion of the GEMMs. The sanitizer runs it with GPURNN_CUDA_GRAPHS=0, so
-    that each kernel runs as a plain launch (the kernels a graph replays are these)."""
+    Jordan with every pair of activations, and the bf16 conversion of the GEMMs. The sanitizer runs it with
+    GPURNN_CUDA_GRAPHS=0, so that each kernel runs as a plain launch (the kernels a graph replays are these)."""
     from .backend import available, xp_for
     from .kernels import ACTIVATIONS, cupy_raw, numba_cuda
     from .layers import GRU, LSTM, RNN, LayerNormGRU, LayerNormLSTM

@@ -235,6 +235,55 @@ __device__ __forceinline__ T ln_backward(T dvhat, T vhat, T rstd, T sum_dvhat, T
     return rstd * (dvhat - sum_dvhat / T(n) - vhat * (sum_dvhat_vhat / T(n)));
 }
 
+// The LN forward of entry q of the two projections' rows xr, gr (G,) of one batch row, from their mean and rstd:
+// stores vhat_ih[q], vhat_hh[q] and gives out = (gamma_ih vhat_ih, gamma_hh vhat_hh).
+template <typename T>
+__device__ __forceinline__ void normalise_pair(int q, const T* xr, const T* gr, const T (&mean)[2], const T (&rstd)[2],
+                                               const T* gamma_ih, const T* gamma_hh, T* vhat_ih, T* vhat_hh,
+                                               T (&out)[2]) {
+    const T vi = (xr[q] - mean[0]) * rstd[0], vh = (gr[q] - mean[1]) * rstd[1];
+    vhat_ih[q] = vi;
+    vhat_hh[q] = vh;
+    out[0] = gamma_ih[q] * vi;
+    out[1] = gamma_hh[q] * vh;
+}
+
+// The LN backward of the two projections of one batch row, gi = gamma_ih vhat_ih + ..., gh = gamma_hh vhat_hh + ...,
+// each of G = gates*H entries (gate k of column j at k*H + j): d_ih, d_hh are dL/dgi, dL/dgh, and dvhat = gamma d.
+// add() each thread's columns, reduce() (the whole block), then backward() each thread's columns.
+template <typename T>
+struct ProjectionsLN {
+    const T *gamma_ih, *gamma_hh, *vhat_ih, *vhat_hh;   // (G,) gains; (G,) the row's normalised values
+    int gates, H;
+    T sums[4];                                           // sum dvhat, sum dvhat vhat, for the ih and the hh row
+    __device__ ProjectionsLN(const T* gamma_ih_, const T* gamma_hh_, const T* vhat_ih_, const T* vhat_hh_, int gates_,
+                             int H_)
+        : gamma_ih(gamma_ih_), gamma_hh(gamma_hh_), vhat_ih(vhat_ih_), vhat_hh(vhat_hh_), gates(gates_), H(H_) {
+        for (int k = 0; k < 4; ++k) sums[k] = T(0);
+    }
+    // d_ih, d_hh: the row's (G,) gradients
+    __device__ void add(int j, const T* d_ih, const T* d_hh) {
+        for (int k = 0; k < gates; ++k) {
+            const int q = k * H + j;
+            const T di = gamma_ih[q] * d_ih[q], dh = gamma_hh[q] * d_hh[q];
+            sums[0] += di;
+            sums[1] += di * vhat_ih[q];
+            sums[2] += dh;
+            sums[3] += dh * vhat_hh[q];
+        }
+    }
+    __device__ void reduce() { block_sum(sums); }
+    // dgx, dgh (the row's (G,)): dL/d(xw), dL/d(h W_hh^T) before the LN, by ln_backward
+    __device__ void backward(int j, const T* d_ih, const T* d_hh, T rstd_ih, T rstd_hh, T* dgx, T* dgh) const {
+        const int G = gates * H;
+        for (int k = 0; k < gates; ++k) {
+            const int q = k * H + j;
+            dgx[q] = ln_backward(gamma_ih[q] * d_ih[q], vhat_ih[q], rstd_ih, sums[0], sums[1], G);
+            dgh[q] = ln_backward(gamma_hh[q] * d_hh[q], vhat_hh[q], rstd_hh, sums[2], sums[3], G);
+        }
+    }
+};
+
 // Column sums over `rows` rows of (rows, cols) arrays: sum_a[j] = sum_r a[r, j], sum_aw[j] = sum_r a[r, j] w[r, j]
 // (the LN parameters' gradients: beta/bias from a = dL/d(LN output), gamma with w = vhat). One block of 32 x 8
 // threads per 32 columns; each column's threads reduce in a fixed order (deterministic).

@@ -9,6 +9,14 @@ stream and nothing in a sweep waits for the device or reads device memory on the
 into one ``cupy.RawModule`` on first use, once per device, never at import; cupy itself is imported on first use.
 With GPURNN_CUDA_HOST=1 the same code runs on NumPy arrays, its kernels compiled for the CPU (``cuda_host``,
 ``cupy_host``). ``sweep="auto"`` is the per-step sweep; this backend has no persistent (one-launch) sweep yet.
+
+The variants (FEATURES) are template flags and arguments of the same step kernels: LN (LSTM, GRU) takes one block per
+batch row, whose threads reduce the row statistics (block_sum in common.cuh) and own its columns; the projection
+(LSTM) adds per step the GEMM hr = m @ W_hr.T and an h update launch (backward: the h update's backward and dm =
+dh~ @ W_hr before the cell's launch, dW_hr one GEMM over all steps after the loop); zoneout draws its masks in the
+kernels from the seeds. t0 and the seeds reach the kernels in a small device array (``zo``), so a captured graph
+serves every call; LN's parameter gradients are column sums after the backward loop (column_sums), so dparams costs
+no atomics and is deterministic.
 """
 import functools
 from dataclasses import dataclass
@@ -177,12 +185,14 @@ class Variant:
 
 
 def variant_of(cell, training, ln, zoneout, w_hr):
+    """The Variant of a sweep's arguments; ValueError for a variant the cell does not take."""
     if ln is not None and cell not in ("lstm", "gru"):
         raise ValueError(f"ln is for the LSTM and the GRU, not {cell!r}")
     if w_hr is not None and cell != "lstm":
         raise ValueError(f"w_hr is the LSTM's projection, not {cell!r}'s")
-    if ln is not None and len(ln) != (4 if cell == "lstm" else 2):
-        raise ValueError(f"ln for the {cell} is {'(gamma_ih, gamma_hh, gamma_c, beta_c)' if cell == 'lstm' else '(gamma_ih, gamma_hh)'}")
+    names = ("gamma_ih", "gamma_hh") + (("gamma_c", "beta_c") if cell == "lstm" else ())
+    if ln is not None and len(ln) != len(names):
+        raise ValueError(f"ln for the {cell} must be ({', '.join(names)}), got {len(ln)} arrays")
     zmode = 0 if zoneout is None else 1 if training else 2
     return Variant(ln is not None, w_hr is not None, zmode, *((zoneout.p_h, zoneout.p_c) if zmode == 2 else (0, 0)))
 

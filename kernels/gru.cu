@@ -42,11 +42,10 @@ __global__ void gru_forward_step(const T* xw_t, const T* gh, const T* b_hh, cons
         for (int k = 0; k < 3; ++k) {
             const int q = k * H + j;
             if (LN) {
-                const T vi = (xr[q] - mean[0]) * rstd[0], vh = (gr[q] - mean[1]) * rstd[1];
-                vhat_ih_t[b * G + q] = vi;
-                vhat_hh_t[b * G + q] = vh;
-                gi[k] = gamma_ih[q] * vi + b_ih[q];
-                gg[k] = gamma_hh[q] * vh + b_hh[q];
+                T out[2];
+                normalise_pair(q, xr, gr, mean, rstd, gamma_ih, gamma_hh, vhat_ih_t + b * G, vhat_hh_t + b * G, out);
+                gi[k] = out[0] + b_ih[q];
+                gg[k] = out[1] + b_hh[q];
             } else {
                 gi[k] = xr[q] + b_ih[q];
                 gg[k] = gr[q] + b_hh[q];
@@ -92,7 +91,7 @@ __global__ void gru_backward_step(const T* dy_t, const T* gates_t, const T* hn_t
         return;
     }
     const Zoneout<T> zh(zmode, zo, 0, t, b, T(0));
-    T sums[4] = {T(0), T(0), T(0), T(0)};    // LN: sum dvhat, sum dvhat vhat for the ih and the hh row
+    ProjectionsLN<T> ln(gamma_ih, gamma_hh, vhat_ih_t + b * G, vhat_hh_t + b * G, 3, H);
     for (int j = Columns::first(); j < H; j += Columns::stride()) {
         const int i = b * H + j, g0 = b * G + j;
         const T reset = gates_t[g0], update = gates_t[g0 + H], cand = gates_t[g0 + 2 * H];
@@ -111,24 +110,12 @@ __global__ void gru_backward_step(const T* dy_t, const T* gates_t, const T* hn_t
         dgg_t[g0 + 2 * H] = dn_pre * reset;
         // dh_{t-1} = k dh' + dh~ z + dgh_t @ W_hh; the GEMM part arrives as the next step's dhh
         dh[i] = d.prev + d.fresh * update;
-        if (LN)
-            for (int k = 0; k < 3; ++k) {
-                // gi = gamma_ih vhat_ih + b_ih:  dvhat_ih = gamma_ih dgi (gh likewise)
-                const int q = k * H + j;
-                const T di = gamma_ih[q] * dgi_t[b * G + q], dg = gamma_hh[q] * dgg_t[b * G + q];
-                sums[0] += di;
-                sums[1] += di * vhat_ih_t[b * G + q];
-                sums[2] += dg;
-                sums[3] += dg * vhat_hh_t[b * G + q];
-            }
+        // gi = gamma_ih vhat_ih + b_ih:  dvhat_ih = gamma_ih dgi (gh likewise)
+        if (LN) ln.add(j, dgi_t + b * G, dgg_t + b * G);
     }
     if (!LN) return;
-    block_sum(sums);
+    ln.reduce();
     for (int j = Columns::first(); j < H; j += Columns::stride())
-        for (int k = 0; k < 3; ++k) {
-            const int q = b * G + k * H + j;
-            dgx_t[q] = ln_backward(gamma_ih[k * H + j] * dgi_t[q], vhat_ih_t[q], rstd_t[b * 2], sums[0], sums[1], G);
-            dgh_t[q] = ln_backward(gamma_hh[k * H + j] * dgg_t[q], vhat_hh_t[q], rstd_t[b * 2 + 1], sums[2], sums[3],
-                                   G);
-        }
+        ln.backward(j, dgi_t + b * G, dgg_t + b * G, rstd_t[b * 2], rstd_t[b * 2 + 1], dgx_t + b * G,
+                    dgh_t + b * G);
 }

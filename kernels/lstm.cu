@@ -62,10 +62,9 @@ __global__ void lstm_forward_step(const T* xw_t, const T* gh, const T* b_hh, con
             const int q = k * H + j;
             if (LN) {
                 // a = gamma_ih vhat_ih + gamma_hh vhat_hh + b_ih + b_hh
-                const T vi = (xr[q] - mean[0]) * rstd[0], vh = (gr[q] - mean[1]) * rstd[1];
-                vhat_ih_t[b * G + q] = vi;
-                vhat_hh_t[b * G + q] = vh;
-                p[k] = gamma_ih[q] * vi + gamma_hh[q] * vh + b_ih[q] + b_hh[q];
+                T out[2];
+                normalise_pair(q, xr, gr, mean, rstd, gamma_ih, gamma_hh, vhat_ih_t + b * G, vhat_hh_t + b * G, out);
+                p[k] = out[0] + out[1] + b_ih[q] + b_hh[q];
             } else {
                 p[k] = xr[q] + b_ih[q] + gr[q] + b_hh[q];
             }
@@ -219,25 +218,14 @@ __global__ void lstm_backward_step(const T* dy_t, const T* gates_t, const T* c_p
     if (!LN) return;
     block_sum(sums_c);
     const T rstd_ih = rstd_t[b * 3], rstd_hh = rstd_t[b * 3 + 1], rstd_c = rstd_t[b * 3 + 2];
-    T sums[4] = {T(0), T(0), T(0), T(0)};    // sum dvhat, sum dvhat vhat for the ih and the hh row
+    // a = gamma_ih vhat_ih + gamma_hh vhat_hh + ...:  dvhat_ih = gamma_ih da,  dvhat_hh = gamma_hh da
+    ProjectionsLN<T> ln(gamma_ih, gamma_hh, vhat_ih_t + b * G, vhat_hh_t + b * G, 4, H);
     for (int j = Columns::first(); j < H; j += Columns::stride()) {
         const int i = b * H + j;
         gates(j, ln_backward(gamma_c[j] * du_t[i], chat_t[i], rstd_c, sums_c[0], sums_c[1], H));
-        for (int k = 0; k < 4; ++k) {
-            const int q = k * H + j;
-            // a = gamma_ih vhat_ih + gamma_hh vhat_hh + ...:  dvhat_ih = gamma_ih da,  dvhat_hh = gamma_hh da
-            const T di = gamma_ih[q] * da[b * G + q], dh_ = gamma_hh[q] * da[b * G + q];
-            sums[0] += di;
-            sums[1] += di * vhat_ih_t[b * G + q];
-            sums[2] += dh_;
-            sums[3] += dh_ * vhat_hh_t[b * G + q];
-        }
+        ln.add(j, da + b * G, da + b * G);
     }
-    block_sum(sums);
+    ln.reduce();
     for (int j = Columns::first(); j < H; j += Columns::stride())
-        for (int k = 0; k < 4; ++k) {
-            const int q = b * G + k * H + j;
-            dgx_t[q] = ln_backward(gamma_ih[k * H + j] * da[q], vhat_ih_t[q], rstd_ih, sums[0], sums[1], G);
-            dgh_t[q] = ln_backward(gamma_hh[k * H + j] * da[q], vhat_hh_t[q], rstd_hh, sums[2], sums[3], G);
-        }
+        ln.backward(j, da + b * G, da + b * G, rstd_ih, rstd_hh, dgx_t + b * G, dgh_t + b * G);
 }
