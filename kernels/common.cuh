@@ -93,22 +93,223 @@ struct Identity {
     template <typename T> __device__ static T backward(T dy, T) { return dy; }
 };
 
-// Pointwise launches cover a (B, N) array with one thread per element: a 1-D grid of B*N threads.
+// Pointwise launches cover a (B, N) array with one thread per element: a 2-D grid, blockIdx.x the batch row b and
+// blockIdx.y * blockDim.x + threadIdx.x the column j (blockDim.x a multiple of 32, cupy_raw.geometry). A kernel with
+// a layer-normalised row takes the whole row in one block (gridDim.y = 1): each thread its columns j = threadIdx.x,
+// + blockDim.x, ... (Columns); the row's statistics are block reductions (block_sum).
 struct Element {
     int b, j;      // batch row, column in 0..N-1
-    bool inside;   // false for the tail threads of the last block
+    bool inside;   // false for the tail threads of the row's last block
 };
 
 __device__ __forceinline__ Element element(int B, int N) {
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     Element e;
-    e.inside = idx < (long long)B * N;
-    e.b = (int)(idx / N);
-    e.j = (int)(idx % N);
+    e.b = (int)blockIdx.x;
+    e.j = (int)(blockIdx.y * blockDim.x + threadIdx.x);
+    e.inside = e.b < B && e.j < N;
     return e;
 }
 
+// The columns of row blockIdx.x a thread owns: for (int j = first(); j < N; j += stride()).
+struct Columns {
+    __device__ static int first() { return (int)(blockIdx.y * blockDim.x + threadIdx.x); }
+    __device__ static int stride() { return (int)(gridDim.y * blockDim.x); }
+};
+
 // Step t of sequence b is inside its length: padded steps output 0, keep the state, take no gradient.
 __device__ __forceinline__ bool valid_step(const int* lengths, int b, int t) { return t < lengths[b]; }
+
+// ---- the variants (kernels/__init__.py defines them) ----
+// The step arguments every variant kernel reads from the device (so a captured graph serves every call):
+//   zo: (5,) uint32  t0 (the kernel step of the sweep's first step), seed_h, threshold_h, seed_c, threshold_c
+// and by value: s (the step within the sweep; kernel step t = t0 + s) and the zoneout mode (ZONEOUT_*).
+enum { ZONEOUT_OFF = 0, ZONEOUT_MASKS = 1, ZONEOUT_BLEND = 2 };
+
+// The counter-based generator, uint32 arithmetic wrapping mod 2^32 (numpy_ref.mix32, zoneout_bits).
+__device__ __forceinline__ unsigned mix32(unsigned x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+__device__ __forceinline__ unsigned row_key(unsigned seed, unsigned t, unsigned b) {
+    return mix32(mix32(mix32(seed) + t) + b);
+}
+__device__ __forceinline__ unsigned zoneout_bits(unsigned key, unsigned j) { return mix32(key + j); }
+
+// Zoneout of one row of h or c at one step: k = 1 where the unit keeps its previous value (masks: its bits below
+// the threshold), k = p everywhere (blend, evaluation); off: the new value as it is.
+template <typename T>
+struct Zoneout {
+    int mode;
+    unsigned key, threshold;
+    T p;
+    // which: 0 for h, 1 for c (their seeds and thresholds in zo)
+    __device__ Zoneout(int mode_, const unsigned* zo, int which, int t, int b, T p_)
+        : mode(mode_), key(0), threshold(zo[2 + 2 * which]), p(p_) {
+        if (mode == ZONEOUT_MASKS) key = row_key(zo[1 + 2 * which], (unsigned)t, (unsigned)b);
+    }
+    __device__ T keep(int j) const {
+        return mode == ZONEOUT_MASKS ? (zoneout_bits(key, (unsigned)j) < threshold ? T(1) : T(0)) : p;
+    }
+    // h_t = k h_{t-1} + (1 - k) h~_t
+    __device__ T apply(T prev, T fresh, int j) const {
+        if (mode == ZONEOUT_OFF) return fresh;
+        const T k = keep(j);
+        return k * prev + (T(1) - k) * fresh;
+    }
+};
+
+// Backward of h_t = k h_{t-1} + (1 - k) h~ for dL/dh_t = dh:  dh~ = (1 - k) dh;  k dh goes on to h_{t-1} directly.
+template <typename T>
+struct ZoneoutGrad {
+    T fresh, prev;
+};
+template <typename T>
+__device__ __forceinline__ ZoneoutGrad<T> zoneout_backward(const Zoneout<T>& z, T dh, int j) {
+    if (z.mode == ZONEOUT_OFF) return {dh, T(0)};
+    const T k = z.keep(j);
+    return {(T(1) - k) * dh, k * dh};
+}
+
+// h update of a valid step (zoned), y_t = h_t there; a padded step keeps h and outputs 0.
+template <typename T>
+__device__ __forceinline__ void store_h(T* h, T* y_t, int i, int j, T fresh, bool valid, const Zoneout<T>& z) {
+    if (valid) {
+        const T h_new = z.apply(h[i], fresh, j);
+        h[i] = h_new;
+        y_t[i] = h_new;
+    } else {
+        y_t[i] = T(0);
+    }
+}
+
+// v[0..N-1] summed over the threads of the block, the total in every thread; every thread of the block must call
+// it (blockDim.x a multiple of 32). Warp sums by shuffles, then each thread adds the warps' partial sums in warp
+// order, so every thread holds the same bits.
+template <int N, typename T>
+__device__ __forceinline__ void block_sum(T (&v)[N]) {
+    __shared__ T partial[N][32];
+    for (int k = 0; k < N; ++k)
+        for (int offset = 16; offset > 0; offset >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], offset);
+    __syncthreads();                          // the previous call's readers are done with `partial`
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    if (lane == 0)
+        for (int k = 0; k < N; ++k) partial[k][warp] = v[k];
+    __syncthreads();
+    for (int k = 0; k < N; ++k) {
+        T total = T(0);
+        for (int w = 0; w < warps; ++w) total += partial[k][w];
+        v[k] = total;
+    }
+}
+
+// Mean and 1 / sqrt(var + eps) (biased variance, two passes) of N rows of n entries, read by the whole block.
+template <int N, typename T>
+__device__ __forceinline__ void row_moments(const T* const (&rows)[N], int n, T (&mean)[N], T (&rstd)[N]) {
+    T sum[N];
+    for (int k = 0; k < N; ++k) sum[k] = T(0);
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        for (int k = 0; k < N; ++k) sum[k] += rows[k][i];
+    block_sum(sum);
+    for (int k = 0; k < N; ++k) {
+        mean[k] = sum[k] / T(n);
+        sum[k] = T(0);
+    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        for (int k = 0; k < N; ++k) {
+            const T d = rows[k][i] - mean[k];
+            sum[k] += d * d;
+        }
+    block_sum(sum);
+    for (int k = 0; k < N; ++k) rstd[k] = T(1) / sqrt(sum[k] / T(n) + T(GPURNN_LN_EPS));
+}
+
+// LN backward of out = gamma vhat, vhat = (v - mean v) rstd over n entries, for one entry:
+//   dv = rstd (dvhat - mean(dvhat) - vhat mean(dvhat vhat)),  dvhat = gamma dout
+// (d mean v / dv = 1/n, d rstd / dv = -rstd^2 vhat / n); sums = (sum dvhat, sum dvhat vhat) over the row.
+template <typename T>
+__device__ __forceinline__ T ln_backward(T dvhat, T vhat, T rstd, T sum_dvhat, T sum_dvhat_vhat, int n) {
+    return rstd * (dvhat - sum_dvhat / T(n) - vhat * (sum_dvhat_vhat / T(n)));
+}
+
+// The LN forward of entry q of the two projections' rows xr, gr (G,) of one batch row, from their mean and rstd:
+// stores vhat_ih[q], vhat_hh[q] and gives out = (gamma_ih vhat_ih, gamma_hh vhat_hh).
+template <typename T>
+__device__ __forceinline__ void normalise_pair(int q, const T* xr, const T* gr, const T (&mean)[2], const T (&rstd)[2],
+                                               const T* gamma_ih, const T* gamma_hh, T* vhat_ih, T* vhat_hh,
+                                               T (&out)[2]) {
+    const T vi = (xr[q] - mean[0]) * rstd[0], vh = (gr[q] - mean[1]) * rstd[1];
+    vhat_ih[q] = vi;
+    vhat_hh[q] = vh;
+    out[0] = gamma_ih[q] * vi;
+    out[1] = gamma_hh[q] * vh;
+}
+
+// The LN backward of the two projections of one batch row, gi = gamma_ih vhat_ih + ..., gh = gamma_hh vhat_hh + ...,
+// each of G = gates*H entries (gate k of column j at k*H + j): d_ih, d_hh are dL/dgi, dL/dgh, and dvhat = gamma d.
+// add() each thread's columns, reduce() (the whole block), then backward() each thread's columns.
+template <typename T>
+struct ProjectionsLN {
+    const T *gamma_ih, *gamma_hh, *vhat_ih, *vhat_hh;   // (G,) gains; (G,) the row's normalised values
+    int gates, H;
+    T sums[4];                                           // sum dvhat, sum dvhat vhat, for the ih and the hh row
+    __device__ ProjectionsLN(const T* gamma_ih_, const T* gamma_hh_, const T* vhat_ih_, const T* vhat_hh_, int gates_,
+                             int H_)
+        : gamma_ih(gamma_ih_), gamma_hh(gamma_hh_), vhat_ih(vhat_ih_), vhat_hh(vhat_hh_), gates(gates_), H(H_) {
+        for (int k = 0; k < 4; ++k) sums[k] = T(0);
+    }
+    // d_ih, d_hh: the row's (G,) gradients
+    __device__ void add(int j, const T* d_ih, const T* d_hh) {
+        for (int k = 0; k < gates; ++k) {
+            const int q = k * H + j;
+            const T di = gamma_ih[q] * d_ih[q], dh = gamma_hh[q] * d_hh[q];
+            sums[0] += di;
+            sums[1] += di * vhat_ih[q];
+            sums[2] += dh;
+            sums[3] += dh * vhat_hh[q];
+        }
+    }
+    __device__ void reduce() { block_sum(sums); }
+    // dgx, dgh (the row's (G,)): dL/d(xw), dL/d(h W_hh^T) before the LN, by ln_backward
+    __device__ void backward(int j, const T* d_ih, const T* d_hh, T rstd_ih, T rstd_hh, T* dgx, T* dgh) const {
+        const int G = gates * H;
+        for (int k = 0; k < gates; ++k) {
+            const int q = k * H + j;
+            dgx[q] = ln_backward(gamma_ih[q] * d_ih[q], vhat_ih[q], rstd_ih, sums[0], sums[1], G);
+            dgh[q] = ln_backward(gamma_hh[q] * d_hh[q], vhat_hh[q], rstd_hh, sums[2], sums[3], G);
+        }
+    }
+};
+
+// Column sums over `rows` rows of (rows, cols) arrays: sum_a[j] = sum_r a[r, j], sum_aw[j] = sum_r a[r, j] w[r, j]
+// (the LN parameters' gradients: beta/bias from a = dL/d(LN output), gamma with w = vhat). One block of 32 x 8
+// threads per 32 columns; each column's threads reduce in a fixed order (deterministic).
+//   a, w: (rows, cols);  sum_a, sum_aw: (cols,) out
+template <typename T>
+__global__ void column_sums(const T* a, const T* w, T* sum_a, T* sum_aw, int rows, int cols) {
+    __shared__ T partial[2][8][32];
+    const int j = blockIdx.x * 32 + threadIdx.x;
+    T s = T(0), sw = T(0);
+    if (j < cols)
+        for (long long r = threadIdx.y; r < rows; r += 8) {
+            const T v = a[r * cols + j];
+            s += v;
+            sw += v * w[r * cols + j];
+        }
+    partial[0][threadIdx.y][threadIdx.x] = s;
+    partial[1][threadIdx.y][threadIdx.x] = sw;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < cols) {
+        for (int y = 1; y < 8; ++y) {
+            s += partial[0][y][threadIdx.x];
+            sw += partial[1][y][threadIdx.x];
+        }
+        sum_a[j] = s;
+        sum_aw[j] = sw;
+    }
+}
 
 #endif

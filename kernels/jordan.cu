@@ -1,7 +1,8 @@
 // Jordan network: h_t = act(xw_t + y_{t-1} W_yh^T),  y_t = out_act(h_t W_hy^T + b_y); the state is y_{t-1}.
 // Each step is two GEMMs, each followed by one pointwise launch. T: float | double;  Act: Tanh | Relu | Sigmoid;
 // OutAct: those or Identity.  One thread per (b, j) of a (B, H) or (B, O) array. The output's backward is an
-// Elman step's, rnn_backward_step<T, OutAct> in rnn.cu: y = out_act(py) as h = act(p), dL/dy_{t-1} as dh.
+// Elman step's, rnn_backward_step<T, OutAct> in rnn.cu: y = out_act(py) as h~ = act(p), dL/dy_{t-1} as dh (no
+// zoneout, t0 = 0).
 #include "common.cuh"
 
 // Hidden layer of step t, with gy = y_{t-1} @ W_yh^T from the GEMM just before this launch.

@@ -80,9 +80,10 @@ def compile_nvrtc(arch):
 
 
 def mangled_prefix(name):
-    """Itanium-mangled start of a kernel template instantiation: stem<float, Tanh> -> _Z<n>stemIf4TanhE."""
+    """Itanium-mangled start of a kernel template instantiation: stem<float, Tanh> -> _Z<n>stemIf4TanhE,
+    stem<double, true> -> _Z<n>stemIdLb1EE."""
     stem, args = re.fullmatch(r"(\w+)<(.*)>", name).groups()
-    code = {"float": "f", "double": "d"}
+    code = {"float": "f", "double": "d", "false": "Lb0E", "true": "Lb1E"}
     parts = [code.get(a, f"{len(a)}{a}") for a in (s.strip() for s in args.split(","))]
     return f"_Z{len(stem)}{stem}I{''.join(parts)}E".encode()
 
@@ -125,14 +126,17 @@ def test_names_cover_every_kernel_and_call():
     wanted = set()
     for dtype in ("float32", "float64"):
         for cell in CELLS:
-            wanted.update(cupy_raw.step_kernels(cell, dtype))
+            for ln, proj in ((False, False), (True, False), (False, True), (True, True)):
+                wanted.update(cupy_raw.step_kernels(cell, dtype, ln, proj))     # the flags a cell has
+        wanted.update(cupy_raw.variant_kernels(dtype))
         for act in ("tanh", "relu", "sigmoid"):
             for out_act in ACTIVATIONS:
                 wanted.update(cupy_raw.jordan_kernels(act, out_act, dtype))
     assert wanted == set(names)
-    # per dtype: each cell's forward and backward; Jordan's hidden forward and backward per activation and output
+    # per dtype: each Elman cell's forward and backward, the GRU's with and without LN, the LSTM's with and without
+    # LN and the projection, the variants' 3 kernels; Jordan's hidden forward and backward per activation and output
     # forward per output activation; its output backward is the Elman backward, new only for Identity
-    assert len(names) == 2 * (2 * len(CELLS) + 2 * 3 + len(ACTIVATIONS) + 1)
+    assert len(names) == 2 * (2 * 3 + 2 * 2 + 2 * 4 + 3 + 2 * 3 + len(ACTIVATIONS) + 1)
 
 
 def test_source_inlines_the_header_once():

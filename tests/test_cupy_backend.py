@@ -10,7 +10,8 @@ import pytest
 import gpurnn
 from gpurnn import backend
 from gpurnn.kernels import ACTIVATIONS, CELLS, cuda_host, cupy_raw, graphs
-from util import BACKENDS, device_of, make_layer, random_problem, to_device, to_numpy
+from test_variants_reference import make as make_variant
+from util import BACKENDS, device_of, layer_outputs, make_layer, random_problem, to_device, to_numpy
 
 pytestmark = pytest.mark.skipif("cupy" not in BACKENDS, reason="needs a CUDA GPU with CuPy, or GPURNN_CUDA_HOST=1")
 
@@ -119,19 +120,22 @@ def altered_source(monkeypatch):
 def test_an_altered_kernel_fails_the_parity_check(altered_source):
     """The LSTM's cell-state carry dc_{t-1} = dc_t * f changed to dc_t * i: the check above must catch it."""
     check_layer("lstm", 4, 3, 2, 5, "float64", ragged=True)       # the real kernel passes
-    altered_source("dc[i] = dc_t * forget;", "dc[i] = dc_t * in;")
+    altered_source("dc[i] = forget * dc_tilde + dcz.prev;", "dc[i] = in * dc_tilde + dcz.prev;")
     with pytest.raises(AssertionError):
         check_layer("lstm", 4, 3, 2, 5, "float64", ragged=True)
 
 
 @pytest.mark.skipif(not backend.cuda_host(), reason="counts launches on the CPU harness")
 def test_every_kernel_of_the_module_is_launched():
-    """A representative run of each cell, dtype and Jordan activation pair launches every name in kernel_names():
-    a kernel added to the module without a run here fails this test."""
+    """A representative run of each cell, variant, dtype and Jordan activation pair launches every name in
+    kernel_names(): a kernel added to the module without a run here fails this test."""
     before = collections.Counter(cuda_host.launched)
     for dtype in ("float32", "float64"):
         for cell in CELLS:
             check_layer(cell, 2, 2, 2, 3, dtype, ragged=True)
+        for name in ("lnlstm", "lngru", "lstm_proj", "lnlstm_all"):
+            layer = make_variant(name, dtype=dtype, backend="cupy", seed=0).to(device_of("cupy"))
+            layer_outputs(layer, *random_problem(layer, 2, 2, np.random.default_rng(0), ragged=True))
         for act, out_act in JORDAN_ACTS:
             check_jordan(act, out_act, dtype)
     ran = set(cuda_host.launched - before)

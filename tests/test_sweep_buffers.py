@@ -15,9 +15,12 @@ pytestmark = pytest.mark.skipif(not (backend.cuda_simulator() and backend.cuda_h
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """cupy_host.empty and empty_like return NaN-filled arrays (integers: -1)."""
+    """cupy_host.empty and empty_like return NaN-filled arrays (integers: every bit set, -1 if signed)."""
     def poison(a):
-        a.fill(np.nan if a.dtype.kind == "f" else -1)
+        if a.dtype.kind == "f":
+            a.fill(np.nan)
+        else:
+            a.view(np.uint8).fill(0xFF)
         return a
     empty, empty_like = cupy_host.empty, cupy_host.empty_like
     monkeypatch.setattr(cupy_host, "empty", lambda *a, **k: poison(empty(*a, **k)))
