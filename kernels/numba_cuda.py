@@ -133,11 +133,12 @@ def opt_in_shared_memory(compiled, nbytes):
     driver.cuKernelSetAttribute(attr, nbytes, cufunc.handle, cufunc.device.id)
 
 
-def prepared(kernel, n, stream, args, t_at):
-    """launch(t): `kernel` over n threads on `stream` with `args`, args[t_at] replaced by the step t. On a GPU the
-    overload is resolved once here, so a launch skips Numba's dispatch (typing each argument); in the simulator a
-    launch is device work of the stand-in (run now, or recorded while a graph is captured)."""
-    grid, block = blocks(n), threads()
+def prepared(kernel, n, stream, args, t_at, per_block=None):
+    """launch(t): `kernel` over n threads on `stream` with `args`, args[t_at] replaced by the step t (per_block: n
+    blocks of that many threads instead). On a GPU the overload is resolved once here, so a launch skips Numba's
+    dispatch (typing each argument); in the simulator a launch is device work of the stand-in (run now, or recorded
+    while a graph is captured)."""
+    grid, block = (blocks(n), threads()) if per_block is None else (n, per_block)
     if simulator():
         from .cupy_host import enqueue
         configured = kernel[grid, block, stream]
@@ -207,8 +208,19 @@ def forward_buffers(cell, math, a):
                 gh=xp.empty((B, GH), dtype), h_low=low(xp, h, math), w_low=low(xp, a["w_hh"].T, math))
 
 
-def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto", b_ih=None, math="fp32"):
+FEATURES = frozenset({"t0", "ln", "zoneout", "w_hr"})
+
+
+def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto", b_ih=None, math="fp32", t0=0,
+            ln=None, zoneout=None, w_hr=None):
     xp = array_module()
+    if t0:                                  # validity of kernel step t0 + s is s < lengths - t0
+        with on_device_of(xw):
+            lengths = xp.ascontiguousarray(lengths - np.int32(t0), dtype=np.int32)
+    if ln is not None or zoneout is not None or w_hr is not None:
+        from . import numba_variants
+        return numba_variants.forward(cell, xw, w_hh, b_hh, state0, lengths, training, b_ih, t0, ln, zoneout, w_hr,
+                                      sweep, math)
     T, B, GH = xw.shape
     H = w_hh.shape[1]
     code, act = CELL_CODES[cell], ACT_CODES.get(cell[4:], 0)
@@ -307,7 +319,10 @@ def backward_buffers(cell, math, a):
                 dhg=xp.empty((B, H), dtype), g_low=low(xp, dgx[0], math), w_low=low(xp, a["w_hh"], math))
 
 
-def backward(ctx, dy, dstate_n):
+def backward(ctx, dy, dstate_n, dparams=None):
+    if not isinstance(ctx, SweepCtx):
+        from . import numba_variants
+        return numba_variants.backward(ctx, dy, dstate_n, dparams)
     xp = array_module()
     T, B, H = ctx.y.shape
     code = CELL_CODES[ctx.cell]

@@ -285,7 +285,7 @@ def build(dtype):
         if b < B:
             dph[t, b, j] = activate_backward(act, dhh[b, j], h[t, b, j])
 
-    return SimpleNamespace(activate=activate, activate_backward=activate_backward,
+    return SimpleNamespace(sigmoid=sigmoid, tanh=tanh, activate=activate, activate_backward=activate_backward,
                            inputs=inputs, unit_forward=unit_forward, unit_backward=unit_backward,
                            step_forward=step_forward, step_backward=step_backward,
                            jordan_hidden=jordan_hidden, jordan_output=jordan_output,
