@@ -27,7 +27,8 @@ from numba import cuda
 from . import LN_EPS, cpu_fused
 from .numba_cuda_kernels import GRU, LSTM, build as build_cells
 
-ROW = 32 if cuda.config.ENABLE_CUDASIM else 256     # threads per row block, a power of two (the reduction tree)
+ROW = 4 if cuda.config.ENABLE_CUDASIM else 256      # threads per row block, a power of two (the reduction tree);
+                                                     # the simulator runs a Python thread per CUDA thread: few there
 
 
 @functools.lru_cache(maxsize=None)
