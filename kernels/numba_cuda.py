@@ -275,18 +275,23 @@ def persistent_forward(code, act, plan, stream, a):
     return True
 
 
-def step_forward(code, act, math, a):
-    """The forward sweep per step on the arrays `a` (forward_inputs + forward_buffers): per step the GEMM
-    gh = h @ W_hh.T and one fused pointwise launch. Allocates nothing, reads nothing on the host: capturable."""
-    xp = array_module()
-    T, B, H = a["hs"].shape[0] - 1, *a["h"].shape
+def start_forward(xp, math, a):
+    """A per-step forward sweep's start on the arrays `a`: h (and hs[0]) from h0, c from c0; returns the Operand of
+    h and the prepared GEMM gh = h @ W_hh.T (call the Operand's update() before it each step)."""
     xp.copyto(a["h"], a["h0"])
     xp.copyto(a["hs"][0], a["h0"])
     if "c0" in a:
         xp.copyto(a["c"], a["c0"])
     w = gemm.constant(xp, a["w_hh"].T, math, a["w_low"])
     h = gemm.Operand(xp, a["h"], math, a["h_low"])
-    product = gemm.Matmul(xp, h, w, a["gh"], math)
+    return h, gemm.Matmul(xp, h, w, a["gh"], math)
+
+
+def step_forward(code, act, math, a):
+    """The forward sweep per step on the arrays `a` (forward_inputs + forward_buffers): per step the GEMM
+    gh = h @ W_hh.T and one fused pointwise launch. Allocates nothing, reads nothing on the host: capturable."""
+    T, B, H = a["hs"].shape[0] - 1, *a["h"].shape
+    h, product = start_forward(array_module(), math, a)
     args = (code, act, 0, *(device_view(a[k]) for k in ("xw", "gh", "b_hh", "b_ih", "lengths", "h", "c")),
             device_view(a["hs"][1:]), *(device_view(a[k]) for k in ("gates", "cs", "hns")))
     step = prepared(build(a["h"].dtype.type).step_forward, B * H, launch_stream(), args, 2)

@@ -50,6 +50,7 @@ def build(dtype, ln, zoneout, proj):
     F = np.dtype(dtype).type
     cells = build_cells(dtype)
     sigmoid, tanh, activate, activate_backward = cells.sigmoid, cells.tanh, cells.activate, cells.activate_backward
+    gru_backward = cells.gru_backward
     row_key, kept = generator().row_key, generator().kept
     EPS = F(LN_EPS)
     ZERO, ONE = F(0), F(1)
@@ -285,22 +286,7 @@ def build(dtype, ln, zoneout, proj):
                 else:
                     lstm_cell_backward(gates, cs, c0, dc, dgx, s, b, j, H, du, key_c, threshold_c)
             elif cell == GRU:
-                r = gates[s, b, j]
-                z = gates[s, b, H + j]
-                n = gates[s, b, 2 * H + j]
-                h_prev = y[s - 1, b, j] if s > 0 else h0[b, j]
-                # h~ = (1 - z) n + z h_prev:  dn = dh~ (1 - z),  dz = dh~ (h_prev - n),  dh_prev += dh~ z
-                dn = dht * (ONE - z) * (ONE - n * n)
-                dz = dht * (h_prev - n) * z * (ONE - z)
-                # n = tanh(gi_n + r gh_n):  dr = dn_pre gh_n,  d(gh_n) = dn_pre r
-                dr = dn * hns[s, b, j] * r * (ONE - r)
-                dgx[s, b, j] = dr
-                dgx[s, b, H + j] = dz
-                dgx[s, b, 2 * H + j] = dn
-                dgh[s, b, j] = dr
-                dgh[s, b, H + j] = dz
-                dgh[s, b, 2 * H + j] = dn * r
-                dh[b, j] += dht * z
+                dh[b, j] += gru_backward(s, b, j, H, dht, y, h0, gates, hns, dgx, dgh)   # dgx, dgh before LN
             else:
                 # h~ = act(p):  dp = dh~ act'(p), written from y (in training y = h~ wherever dh~ is not 0)
                 dgx[s, b, j] = activate_backward(act, dht, y[s, b, j])

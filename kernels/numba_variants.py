@@ -17,7 +17,7 @@ import numpy as np
 
 from . import GATES, Zoneout, gemm, graphs, numba_plan, zoneout_threshold
 from .numba_cuda import (array_module, current_device, device_id, device_view, forward_inputs, launch_stream, low,
-                         on_device_of, placeholder, prepared, start_backward)
+                         on_device_of, placeholder, prepared, start_backward, start_forward)
 from .numba_cuda_kernels import ACT_CODES, CELL_CODES
 from .numba_variant_kernels import ROW, build
 
@@ -135,13 +135,7 @@ def step_forward(cell, math, flags, training, p, a):
     xp = array_module()
     T, B, P = a["hs"].shape[0] - 1, *a["h"].shape
     proj = flags[2]
-    xp.copyto(a["h"], a["h0"])
-    xp.copyto(a["hs"][0], a["h0"])
-    if "c0" in a:
-        xp.copyto(a["c"], a["c0"])
-    w = gemm.constant(xp, a["w_hh"].T, math, a["w_low"])
-    h = gemm.Operand(xp, a["h"], math, a["h_low"])
-    product = gemm.Matmul(xp, h, w, a["gh"], math)
+    h, product = start_forward(xp, math, a)
     K, stream = build(a["h"].dtype.type, *flags), launch_stream()
     d = {k: device_view(v) for k, v in a.items() if v is not None and k != "hs"}
     y = device_view(a["hs"][1:])
