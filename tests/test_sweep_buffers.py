@@ -53,7 +53,7 @@ def test_h_prev_is_h0_then_y_in_one_buffer(backend_name):
     layer.sweep = "step"
     x, state, _, _, _ = random_problem(layer, 5, 2, np.random.default_rng(0))
     _, _, ctx = layer.forward(x, state)
-    sweep = ctx.sweeps[0]
+    sweep = ctx.sweeps[0].ctxs[0]          # the kernel ctx of the first (only) segment
     assert np.shares_memory(sweep.h_prev, sweep.y)
     np.testing.assert_array_equal(sweep.h_prev[0], state[0])
     np.testing.assert_array_equal(sweep.h_prev[1:], sweep.y[:-1])
