@@ -13,7 +13,8 @@ chosen by the launch planner (numba_plan.py) from the sizes and the device:
   products are float32 sums whatever `math` says. If the device refuses the launch, the sweep runs per step
   instead (one warning per launch configuration). Under the simulator it runs through numba_sim (every block at
   once).
-The input bias b_ih is added by the pointwise kernels (no pass of its own); y is the tail of one (T+1, B, H) buffer
+The variants (kernels/__init__.py): t0 shifts `lengths` by t0 (so both paths take it); ln, zoneout and w_hr run in
+numba_variants.py, per step only. The input bias b_ih is added by the pointwise kernels (no pass of its own); y is the tail of one (T+1, B, H) buffer
 whose head is h0, so ctx.h_prev = [h0; y[:T-1]] feeds the dW_hh GEMM without a copy; padded steps write their zero
 gradient rows themselves (no zero-filled dgx). Kernels launch on CuPy's current stream, on the device of the input
 arrays; nothing in a sweep waits for the device or reads device memory on the host.
@@ -133,19 +134,19 @@ def opt_in_shared_memory(compiled, nbytes):
     driver.cuKernelSetAttribute(attr, nbytes, cufunc.handle, cufunc.device.id)
 
 
-def prepared(kernel, n, stream, args, t_at, per_block=None):
+def prepared(kernel, n, stream, args, t_at, per_block=None, shared=0):
     """launch(t): `kernel` over n threads on `stream` with `args`, args[t_at] replaced by the step t (per_block: n
-    blocks of that many threads instead). On a GPU the overload is resolved once here, so a launch skips Numba's
-    dispatch (typing each argument); in the simulator a launch is device work of the stand-in (run now, or recorded
-    while a graph is captured)."""
+    blocks of that many threads instead; shared: bytes of dynamic shared memory per block). On a GPU the overload is
+    resolved once here, so a launch skips Numba's dispatch (typing each argument); in the simulator a launch is
+    device work of the stand-in (run now, or recorded while a graph is captured)."""
     grid, block = (blocks(n), threads()) if per_block is None else (n, per_block)
     if simulator():
         from .cupy_host import enqueue
-        configured = kernel[grid, block, stream]
+        configured = kernel[grid, block, stream, shared]
         return lambda t: enqueue(lambda: configured(*args[:t_at], t, *args[t_at + 1:]))
     compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
     dims = (grid, 1, 1), (block, 1, 1)
-    return lambda t: compiled.launch((*args[:t_at], t, *args[t_at + 1:]), *dims, stream, 0)
+    return lambda t: compiled.launch((*args[:t_at], t, *args[t_at + 1:]), *dims, stream, shared)
 
 
 def low(xp, a, math):

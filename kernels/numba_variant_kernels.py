@@ -31,6 +31,13 @@ ROW = 4 if cuda.config.ENABLE_CUDASIM else 256      # threads per row block, a p
                                                      # the simulator runs a Python thread per CUDA thread: few there
 
 
+def shared_bytes(dtype):
+    """Dynamic shared memory of a row kernel launch: the (4 ROW,) sums of block_sums. Dynamic rather than static, as
+    the simulator hands a static shared array to the threads of a block through an unlocked dict (two threads can
+    each get one of their own), while its dynamic one is a single buffer."""
+    return 4 * ROW * np.dtype(dtype).itemsize
+
+
 @functools.lru_cache(maxsize=None)
 def generator():
     """SimpleNamespace(mix32, row_key, kept): cpu_fused's zoneout generator (uint32 values held in uint64, wrapped by
@@ -47,7 +54,8 @@ def generator():
 def build(dtype, ln, zoneout, proj):
     """SimpleNamespace(row_forward, row_backward, proj_forward, proj_backward) for float dtype `dtype` and the
     variants on (bools)."""
-    F = np.dtype(dtype).type
+    DTYPE = np.dtype(dtype)
+    F = DTYPE.type
     cells = build_cells(dtype)
     sigmoid, tanh, activate, activate_backward = cells.sigmoid, cells.tanh, cells.activate, cells.activate_backward
     gru_backward = cells.gru_backward
@@ -57,21 +65,21 @@ def build(dtype, ln, zoneout, proj):
 
     @cuda.jit(device=True)
     def block_sums(shared, a, b, c, d):
-        """(sum a, sum b, sum c, sum d) over the block's ROW threads, returned to every thread. shared: (4, ROW)."""
+        """(sum a, sum b, sum c, sum d) over the block's ROW threads, returned to every thread. shared: (4 ROW,)."""
         tid = cuda.threadIdx.x
-        shared[0, tid] = a
-        shared[1, tid] = b
-        shared[2, tid] = c
-        shared[3, tid] = d
+        shared[tid] = a
+        shared[ROW + tid] = b
+        shared[2 * ROW + tid] = c
+        shared[3 * ROW + tid] = d
         cuda.syncthreads()
         step = ROW // 2
         while step > 0:
             if tid < step:
                 for k in range(4):
-                    shared[k, tid] += shared[k, tid + step]
+                    shared[k * ROW + tid] += shared[k * ROW + tid + step]
             cuda.syncthreads()
             step //= 2
-        sums = shared[0, 0], shared[1, 0], shared[2, 0], shared[3, 0]
+        sums = shared[0], shared[ROW], shared[2 * ROW], shared[3 * ROW]
         cuda.syncthreads()                      # before the next call overwrites shared
         return sums
 
@@ -135,7 +143,7 @@ def build(dtype, ln, zoneout, proj):
         in/out; y: (T, B, P); gates: (T, B, G*H) activated gates (Elman: y itself); cs: (T, B, H) LSTM c_t (c~ while
         the step runs); hns: (T, B, H) GRU gh_n (after LN) + b_hn; m: (T, B, H) o tanh(.) under proj (0 at padded
         rows). Variants' arrays a cell does not use are 1-element placeholders."""
-        shared = cuda.shared.array((4, ROW), F)
+        shared = cuda.shared.array(0, DTYPE)              # (4 ROW,) dynamic: shared_bytes(dtype)
         b = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         G = 4 if cell == LSTM else 3 if cell == GRU else 1
@@ -231,7 +239,7 @@ def build(dtype, ln, zoneout, proj):
         LSTM dL/dc in/out; dgx: (T, B, G*H) dL/dxw; dgh: (T, B, G*H) dL/d(h W_hh^T) (dgx itself for the Elman
         and the LSTM without ln); acc: (6, B, G*H) per-row sums of dgamma_ih, dgamma_hh, dbias_ih, dbias_hh, and
         (first H) dgamma_c, dbeta_c (ln); other arguments as row_forward saved them."""
-        shared = cuda.shared.array((4, ROW), F)
+        shared = cuda.shared.array(0, DTYPE)              # (4 ROW,) dynamic: shared_bytes(dtype)
         b = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         G = 4 if cell == LSTM else 3 if cell == GRU else 1

@@ -15,11 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import GATES, Zoneout, gemm, graphs, numba_plan, zoneout_threshold
-from .numba_cuda import (array_module, current_device, device_id, device_view, forward_inputs, launch_stream, low,
-                         on_device_of, placeholder, prepared, start_backward, start_forward)
+from . import GATES, Zoneout, gemm, graphs, numba_cuda as host, numba_plan, zoneout_threshold
 from .numba_cuda_kernels import ACT_CODES, CELL_CODES
-from .numba_variant_kernels import ROW, build
+from .numba_variant_kernels import ROW, build, shared_bytes
 
 LN_NAMES = {"lstm": ("gamma_ih", "gamma_hh", "gamma_c", "beta_c"), "gru": ("gamma_ih", "gamma_hh")}
 ACC_NAMES = ("gamma_ih", "gamma_hh", "bias_ih", "bias_hh", "gamma_c", "beta_c")     # rows of the (6, B, G*H) sums
@@ -63,15 +61,15 @@ class VariantCtx:
 
 def forward(cell, xw, w_hh, b_hh, state0, lengths, training, b_ih, t0, ln, zoneout, w_hr, sweep, math):
     """numba_cuda.forward for a sweep with variants; `lengths` already shifted by t0."""
-    xp = array_module()
+    xp = host.array_module()
     T, B, GH = xw.shape
     H, P, F = GH // GATES[cell], w_hh.shape[1], xw.dtype.type
     flags = (ln is not None, zoneout is not None, w_hr is not None)
     lstm = cell == "lstm"
-    with on_device_of(xw):
-        plan = numba_plan.plan(sweep, B, H, GATES[cell], xw.dtype.itemsize, current_device(),
+    with host.on_device_of(xw):
+        plan = numba_plan.plan(sweep, B, H, GATES[cell], xw.dtype.itemsize, host.current_device(),
                                used(ln, zoneout, w_hr))
-        inputs = forward_inputs(xp, cell, xw, w_hh, b_hh, b_ih, state0, lengths)
+        inputs = host.forward_inputs(xp, cell, xw, w_hh, b_hh, b_ih, state0, lengths)
         inputs["keys"] = keys_array(xp, t0, zoneout)
         if ln is not None:
             inputs.update(zip(LN_NAMES[cell], (xp.ascontiguousarray(g) for g in ln)))
@@ -81,7 +79,7 @@ def forward(cell, xw, w_hh, b_hh, state0, lengths, training, b_ih, t0, ln, zoneo
         saved = ("gates", "cs", "hns", "vhat_ih", "vhat_hh", "stats", "m") if training else ()
         keep = ("hs", "h") + (("c",) if lstm else ()) + saved
         key = ("numba", "forward", "variants", cell, flags, p, bool(training), T, B, H, P, xw.dtype.str, math,
-               device_id())
+               host.device_id())
         out = graphs.run(xp, key, inputs, functools.partial(forward_buffers, cell, math, flags),
                          functools.partial(step_forward, cell, math, flags, training, p), keep)
     y = out["hs"][1:]
@@ -90,14 +88,14 @@ def forward(cell, xw, w_hh, b_hh, state0, lengths, training, b_ih, t0, ln, zoneo
         return y, state_n, None
     kept = {k: out[k] for k in saved}
     kept.update({k: inputs[k] for k in ("keys",) + LN_NAMES.get(cell, ()) + ("w_hr",) if k in inputs})
-    kept["c0"] = inputs["c0"] if lstm else placeholder(xp, 2, xw.dtype)
+    kept["c0"] = inputs["c0"] if lstm else host.placeholder(xp, 2, xw.dtype)
     return y, state_n, VariantCtx(cell, flags, plan, inputs["lengths"], w_hh, state0[0], y, out["hs"][:-1], kept,
                                   math)
 
 
 def variant_placeholders(xp, a, dtype):
     """1-element stand-ins for the variant arrays the kernels take but this sweep lacks."""
-    return {name: placeholder(xp, ndim, dtype) for name, ndim in
+    return {name: host.placeholder(xp, ndim, dtype) for name, ndim in
             (("gamma_ih", 1), ("gamma_hh", 1), ("gamma_c", 1), ("beta_c", 1), ("vhat_ih", 3), ("vhat_hh", 3),
              ("stats", 3), ("m", 3)) if name not in a}
 
@@ -106,7 +104,7 @@ def forward_buffers(cell, math, flags, a):
     """What a forward sweep writes, as numba_cuda.forward_buffers (hs (T+1, B, P) with y = hs[1:], h, c, gates, cs,
     hns, gh), plus with ln vhat_ih, vhat_hh (T, B, G*H) and stats (T, B, 4); with proj m (T, B, H), hp (B, P) the
     projection GEMM's output; the bf16 operand copies."""
-    xp = array_module()
+    xp = host.array_module()
     ln, _, proj = flags
     T, B, GH = a["xw"].shape
     P, dtype = a["w_hh"].shape[1], a["xw"].dtype
@@ -114,16 +112,17 @@ def forward_buffers(cell, math, flags, a):
     lstm, gru = cell == "lstm", cell == "gru"
     hs, h = xp.empty((T + 1, B, P), dtype), xp.empty((B, P), dtype)
     out = dict(hs=hs, h=h, gates=xp.empty((T, B, GH), dtype) if lstm or gru else hs[1:],
-               c=xp.empty((B, H), dtype) if lstm else placeholder(xp, 2, dtype),
-               cs=xp.empty((T, B, H), dtype) if lstm else placeholder(xp, 3, dtype),
-               hns=xp.empty((T, B, H), dtype) if gru else placeholder(xp, 3, dtype),
-               gh=xp.empty((B, GH), dtype), h_low=low(xp, h, math), w_low=low(xp, a["w_hh"].T, math))
+               c=xp.empty((B, H), dtype) if lstm else host.placeholder(xp, 2, dtype),
+               cs=xp.empty((T, B, H), dtype) if lstm else host.placeholder(xp, 3, dtype),
+               hns=xp.empty((T, B, H), dtype) if gru else host.placeholder(xp, 3, dtype),
+               gh=xp.empty((B, GH), dtype), h_low=host.low(xp, h, math), w_low=host.low(xp, a["w_hh"].T, math))
     if ln:
         out.update(vhat_ih=xp.empty((T, B, GH), dtype), vhat_hh=xp.empty((T, B, GH), dtype),
                    stats=xp.empty((T, B, 4), dtype))
     if proj:
         m = xp.empty((T, B, H), dtype)
-        out.update(m=m, hp=xp.empty((B, P), dtype), m_low=low(xp, m[0], math), r_low=low(xp, a["w_hr"].T, math))
+        out.update(m=m, hp=xp.empty((B, P), dtype), m_low=host.low(xp, m[0], math),
+                   r_low=host.low(xp, a["w_hr"].T, math))
     out.update(variant_placeholders(xp, {**a, **out}, dtype))
     return out
 
@@ -132,22 +131,23 @@ def step_forward(cell, math, flags, training, p, a):
     """The forward sweep per step on the arrays `a` (forward_inputs + forward_buffers): per step the GEMM
     gh = h @ W_hh.T, the row kernel, and under proj the GEMM m_s @ W_hr.T and the projection's kernel. Allocates
     nothing, reads nothing on the host: capturable."""
-    xp = array_module()
+    xp = host.array_module()
     T, B, P = a["hs"].shape[0] - 1, *a["h"].shape
     proj = flags[2]
-    h, product = start_forward(xp, math, a)
-    K, stream = build(a["h"].dtype.type, *flags), launch_stream()
-    d = {k: device_view(v) for k, v in a.items() if v is not None and k != "hs"}
-    y = device_view(a["hs"][1:])
-    row = prepared(K.row_forward, B, stream,
+    h, product = host.start_forward(xp, math, a)
+    K, stream = build(a["h"].dtype.type, *flags), host.launch_stream()
+    d = {k: host.device_view(v) for k, v in a.items() if v is not None and k != "hs"}
+    y = host.device_view(a["hs"][1:])
+    row = host.prepared(K.row_forward, B, stream,
                    (CELL_CODES[cell], ACT_CODES.get(cell[4:], 0), 0, *p, int(training), d["keys"],
                     *(d[k] for k in ("xw", "gh", "b_hh", "b_ih", "lengths", "gamma_ih", "gamma_hh", "gamma_c",
                                      "beta_c", "h", "c")), y,
-                    *(d[k] for k in ("gates", "cs", "hns", "vhat_ih", "vhat_hh", "stats", "m"))), 2, per_block=ROW)
+                    *(d[k] for k in ("gates", "cs", "hns", "vhat_ih", "vhat_hh", "stats", "m"))), 2, per_block=ROW,
+                   shared=shared_bytes(a["h"].dtype))
     if proj:
         projections = gemm.per_step(xp, T, a["m"], gemm.constant(xp, a["w_hr"].T, math, a["r_low"]), a["hp"], math,
                                     a["m_low"])
-        emit = prepared(K.proj_forward, B * P, stream,
+        emit = host.prepared(K.proj_forward, B * P, stream,
                         (0, p[0], int(training), d["keys"], d["hp"], d["lengths"], d["h"], y), 0)
     for s in range(T):
         h.update()
@@ -160,7 +160,7 @@ def step_forward(cell, math, flags, training, p, a):
 
 def backward(ctx, dy, dstate_n, dparams=None):
     """numba_cuda.backward of a VariantCtx; dparams (kernels/__init__.py) filled when given."""
-    xp = array_module()
+    xp = host.array_module()
     T, B, P = ctx.y.shape
     ln, _, proj = ctx.flags
     GH = ctx.w_hh.shape[0]
@@ -168,7 +168,7 @@ def backward(ctx, dy, dstate_n, dparams=None):
     lstm = ctx.cell == "lstm"
     separate = ctx.cell == "gru" or ln
     sv = ctx.saved
-    with on_device_of(dy):
+    with host.on_device_of(dy):
         inputs = dict(dy=dy, y=ctx.y, h0=ctx.h0, lengths=ctx.lengths, w_hh=ctx.w_hh, dh_n=dstate_n[0],
                       **({"dc_n": dstate_n[1]} if lstm else {}),
                       **{k: v for k, v in sv.items() if k != "m" and not (k == "gates" and ctx.gates_are_y)})
@@ -176,7 +176,7 @@ def backward(ctx, dy, dstate_n, dparams=None):
         keep = ("dgx", "dh") + (("dgh",) if separate else ()) + (("dc",) if lstm else ()) + \
             (("acc",) if ln else ()) + (("dhn",) if proj else ())
         key = ("numba", "backward", "variants", ctx.cell, ctx.flags, T, B, H, P, ctx.y.dtype.str, ctx.math,
-               device_id())
+               host.device_id())
         out = graphs.run(xp, key, inputs, functools.partial(backward_buffers, ctx.cell, ctx.math, ctx.flags),
                          functools.partial(step_backward, ctx.cell, ctx.math, ctx.flags), keep)
         if dparams is not None:
@@ -195,7 +195,7 @@ def backward_buffers(cell, math, flags, a):
     """What a backward sweep writes: dgx (T, B, G*H) (every row written), dgh (GRU or ln; else dgx), dh (B, P),
     dc (B, H) (LSTM), dhg (B, P) the step's GEMM output; with ln acc (6, B, G*H) the per-row parameter sums; with
     proj dhn (T, B, P) = dL/dh~ of every step and dm (B, H) its GEMM with W_hr; the bf16 operand copies."""
-    xp = array_module()
+    xp = host.array_module()
     ln, _, proj = flags
     T, B, P = a["y"].shape
     GH, dtype = a["w_hh"].shape[0], a["y"].dtype
@@ -203,13 +203,13 @@ def backward_buffers(cell, math, flags, a):
     dgx = xp.empty((T, B, GH), dtype)
     out = dict(dgx=dgx, dgh=xp.empty((T, B, GH), dtype) if cell == "gru" or ln else dgx,
                dh=xp.empty((B, P), dtype), dhg=xp.empty((B, P), dtype),
-               dc=xp.empty((B, H), dtype) if cell == "lstm" else placeholder(xp, 2, dtype),
-               acc=xp.empty((6, B, GH), dtype) if ln else placeholder(xp, 3, dtype),
-               dhn=xp.empty((T, B, P), dtype) if proj else placeholder(xp, 3, dtype),
-               dm=xp.empty((B, H), dtype) if proj else placeholder(xp, 2, dtype),
-               g_low=low(xp, dgx[0], math), w_low=low(xp, a["w_hh"], math))
+               dc=xp.empty((B, H), dtype) if cell == "lstm" else host.placeholder(xp, 2, dtype),
+               acc=xp.empty((6, B, GH), dtype) if ln else host.placeholder(xp, 3, dtype),
+               dhn=xp.empty((T, B, P), dtype) if proj else host.placeholder(xp, 3, dtype),
+               dm=xp.empty((B, H), dtype) if proj else host.placeholder(xp, 2, dtype),
+               g_low=host.low(xp, dgx[0], math), w_low=host.low(xp, a["w_hh"], math))
     if proj:
-        out.update(n_low=low(xp, out["dhn"][0], math), r_low=low(xp, a["w_hr"], math))
+        out.update(n_low=host.low(xp, out["dhn"][0], math), r_low=host.low(xp, a["w_hr"], math))
     out.update(variant_placeholders(xp, a, dtype))
     return out
 
@@ -218,28 +218,28 @@ def step_backward(cell, math, flags, a):
     """The backward sweep per step on the arrays `a`, s = T-1..0: [projection kernel, GEMM dm = dhn[s] @ W_hr,] the
     row kernel, then the GEMM dgh[s] @ W_hh into dhg (s = 0: added into dh, which then holds dL/dh0).
     Capturable, as step_forward."""
-    xp = array_module()
+    xp = host.array_module()
     T, B, P = a["y"].shape
     ln, _, proj = flags
-    start_backward(xp, a)
+    host.start_backward(xp, a)
     xp.copyto(a["dhg"], 0)                                               # no step after T-1
     if ln:
         xp.copyto(a["acc"], 0)
     w = gemm.constant(xp, a["w_hh"], math, a["w_low"])
     products = gemm.per_step(xp, T, a["dgh"], w, a["dhg"], math, a["g_low"], into=a["dh"])
-    K, stream = build(a["y"].dtype.type, *flags), launch_stream()
-    d = {k: device_view(v) for k, v in a.items() if v is not None}
+    K, stream = build(a["y"].dtype.type, *flags), host.launch_stream()
+    d = {k: host.device_view(v) for k, v in a.items() if v is not None}
     gates = d.get("gates", d["y"])
-    row = prepared(K.row_backward, B, stream,
+    row = host.prepared(K.row_backward, B, stream,
                    (CELL_CODES[cell], ACT_CODES.get(cell[4:], 0), 0, d["keys"],
                     *(d[k] for k in ("dhg", "dh", "dy", "y", "h0")), gates,
                     *(d[k] for k in ("cs", "c0", "hns", "lengths", "dc", "dgx", "dgh", "gamma_ih", "gamma_hh",
                                      "gamma_c", "beta_c", "vhat_ih", "vhat_hh", "stats", "dm", "acc"))),
-                   2, per_block=ROW)
+                   2, per_block=ROW, shared=shared_bytes(a["y"].dtype))
     if proj:
         to_m = gemm.per_step(xp, T, a["dhn"], gemm.constant(xp, a["w_hr"], math, a["r_low"]), a["dm"], math,
                              a["n_low"])
-        split = prepared(K.proj_backward, B * P, stream,
+        split = host.prepared(K.proj_backward, B * P, stream,
                          (0, d["keys"], d["dhg"], d["dh"], d["dy"], d["lengths"], d["dhn"]), 0)
     for s in range(T - 1, -1, -1):
         if proj:

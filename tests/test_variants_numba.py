@@ -1,12 +1,15 @@
 """The numba backend's variant kernels (numba_variant_kernels.py, numba_variants.py) beyond the layer-level comparison
 of test_variants_gpu.py: the zoneout generator bit for bit, each call's seeds through a replayed CUDA graph, launches
-per sweep, the planner's choice, t0 on the persistent path; all against the float64 reference."""
+per sweep, the planner's choice, t0 on the persistent path, no host reads; against the float64 reference."""
 import numpy as np
 import pytest
 from numba import cuda
 
+import fake_device
+import gpurnn
 from gpurnn.kernels import Zoneout, cpu_fused, numba_cuda as N, numba_plan, numpy_ref
 from gpurnn.kernels.numba_variant_kernels import generator
+from test_sync_free import gpu, run  # noqa: F401  (gpu: the fake GPU fixture)
 
 pytestmark = pytest.mark.skipif(not N.simulator(), reason="runs the kernels in the simulator")
 
@@ -109,3 +112,14 @@ def test_t0_offsets_validity_on_the_persistent_path(cell):
     got = N.forward(*args, b_ih=b_ih, t0=2, sweep="persistent")
     assert got[2].sweep == "persistent"
     assert_sweeps_agree(got, numpy_ref.forward(*args, b_ih=b_ih, t0=2))
+
+
+def test_variant_sweeps_read_nothing_on_the_host(gpu):
+    """Every variant at once, in segments (t0 > 0), both directions, on the fake GPU of test_sync_free: capture and
+    replay read no device memory on the host (the seeds and t0 go up in `keys`, nothing comes down)."""
+    layer = gpurnn.LayerNormLSTM(3, 5, zoneout=(0.3, 0.2), proj_size=2, bidirectional=True, memory="checkpoint",
+                                 segment_steps=2, backend="numba", seed=0).to("cuda")
+    layer.sweep = "step"
+    for call in range(2):                          # the first call captures its graphs, the second replays
+        run(gpu, layer, lengths=np.array([4, 2, 3]))
+        assert fake_device.READS == [], call
