@@ -14,7 +14,8 @@ chosen by the launch planner (numba_plan.py) from the sizes and the device:
   instead (one warning per launch configuration). Under the simulator it runs through numba_sim (every block at
   once).
 The variants (kernels/__init__.py): t0 shifts `lengths` by t0 (so both paths take it); ln, zoneout and w_hr run in
-numba_variants.py, per step only. The input bias b_ih is added by the pointwise kernels (no pass of its own); y is the tail of one (T+1, B, H) buffer
+numba_variants.py, per step only.
+The input bias b_ih is added by the pointwise kernels (no pass of its own); y is the tail of one (T+1, B, H) buffer
 whose head is h0, so ctx.h_prev = [h0; y[:T-1]] feeds the dW_hh GEMM without a copy; padded steps write their zero
 gradient rows themselves (no zero-filled dgx). Kernels launch on CuPy's current stream, on the device of the input
 arrays; nothing in a sweep waits for the device or reads device memory on the host.

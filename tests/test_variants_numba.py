@@ -114,7 +114,7 @@ def test_t0_offsets_validity_on_the_persistent_path(cell):
     assert_sweeps_agree(got, numpy_ref.forward(*args, b_ih=b_ih, t0=2))
 
 
-def test_variant_sweeps_read_nothing_on_the_host(gpu):
+def test_variant_sweeps_read_nothing_on_the_host(gpu):  # noqa: F811  (the fixture)
     """Every variant at once, in segments (t0 > 0), both directions, on the fake GPU of test_sync_free: capture and
     replay read no device memory on the host (the seeds and t0 go up in `keys`, nothing comes down)."""
     layer = gpurnn.LayerNormLSTM(3, 5, zoneout=(0.3, 0.2), proj_size=2, bidirectional=True, memory="checkpoint",
