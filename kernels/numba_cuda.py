@@ -13,6 +13,8 @@ chosen by the launch planner (numba_plan.py) from the sizes and the device:
   products are float32 sums whatever `math` says. If the device refuses the launch, the sweep runs per step
   instead (one warning per launch configuration). Under the simulator it runs through numba_sim (every block at
   once).
+The variants (kernels/__init__.py): t0 shifts `lengths` by t0 (so both paths take it); ln, zoneout and w_hr run in
+numba_variants.py, per step only.
 The input bias b_ih is added by the pointwise kernels (no pass of its own); y is the tail of one (T+1, B, H) buffer
 whose head is h0, so ctx.h_prev = [h0; y[:T-1]] feeds the dW_hh GEMM without a copy; padded steps write their zero
 gradient rows themselves (no zero-filled dgx). Kernels launch on CuPy's current stream, on the device of the input
@@ -133,18 +135,19 @@ def opt_in_shared_memory(compiled, nbytes):
     driver.cuKernelSetAttribute(attr, nbytes, cufunc.handle, cufunc.device.id)
 
 
-def prepared(kernel, n, stream, args, t_at):
-    """launch(t): `kernel` over n threads on `stream` with `args`, args[t_at] replaced by the step t. On a GPU the
-    overload is resolved once here, so a launch skips Numba's dispatch (typing each argument); in the simulator a
-    launch is device work of the stand-in (run now, or recorded while a graph is captured)."""
-    grid, block = blocks(n), threads()
+def prepared(kernel, n, stream, args, t_at, per_block=None, shared=0):
+    """launch(t): `kernel` over n threads on `stream` with `args`, args[t_at] replaced by the step t (per_block: n
+    blocks of that many threads instead; shared: bytes of dynamic shared memory per block). On a GPU the overload is
+    resolved once here, so a launch skips Numba's dispatch (typing each argument); in the simulator a launch is
+    device work of the stand-in (run now, or recorded while a graph is captured)."""
+    grid, block = (blocks(n), threads()) if per_block is None else (n, per_block)
     if simulator():
         from .cupy_host import enqueue
-        configured = kernel[grid, block, stream]
+        configured = kernel[grid, block, stream, shared]
         return lambda t: enqueue(lambda: configured(*args[:t_at], t, *args[t_at + 1:]))
     compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
     dims = (grid, 1, 1), (block, 1, 1)
-    return lambda t: compiled.launch((*args[:t_at], t, *args[t_at + 1:]), *dims, stream, 0)
+    return lambda t: compiled.launch((*args[:t_at], t, *args[t_at + 1:]), *dims, stream, shared)
 
 
 def low(xp, a, math):
@@ -207,8 +210,19 @@ def forward_buffers(cell, math, a):
                 gh=xp.empty((B, GH), dtype), h_low=low(xp, h, math), w_low=low(xp, a["w_hh"].T, math))
 
 
-def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto", b_ih=None, math="fp32"):
+FEATURES = frozenset({"t0", "ln", "zoneout", "w_hr"})
+
+
+def forward(cell, xw, w_hh, b_hh, state0, lengths, training=True, sweep="auto", b_ih=None, math="fp32", t0=0,
+            ln=None, zoneout=None, w_hr=None):
     xp = array_module()
+    if t0:                                  # validity of kernel step t0 + s is s < lengths - t0
+        with on_device_of(xw):
+            lengths = xp.ascontiguousarray(lengths - np.int32(t0), dtype=np.int32)
+    if ln is not None or zoneout is not None or w_hr is not None:
+        from . import numba_variants
+        return numba_variants.forward(cell, xw, w_hh, b_hh, state0, lengths, training, b_ih, t0, ln, zoneout, w_hr,
+                                      sweep, math)
     T, B, GH = xw.shape
     H = w_hh.shape[1]
     code, act = CELL_CODES[cell], ACT_CODES.get(cell[4:], 0)
@@ -263,18 +277,23 @@ def persistent_forward(code, act, plan, stream, a):
     return True
 
 
-def step_forward(code, act, math, a):
-    """The forward sweep per step on the arrays `a` (forward_inputs + forward_buffers): per step the GEMM
-    gh = h @ W_hh.T and one fused pointwise launch. Allocates nothing, reads nothing on the host: capturable."""
-    xp = array_module()
-    T, B, H = a["hs"].shape[0] - 1, *a["h"].shape
+def start_forward(xp, math, a):
+    """A per-step forward sweep's start on the arrays `a`: h (and hs[0]) from h0, c from c0; returns the Operand of
+    h and the prepared GEMM gh = h @ W_hh.T (call the Operand's update() before it each step)."""
     xp.copyto(a["h"], a["h0"])
     xp.copyto(a["hs"][0], a["h0"])
     if "c0" in a:
         xp.copyto(a["c"], a["c0"])
     w = gemm.constant(xp, a["w_hh"].T, math, a["w_low"])
     h = gemm.Operand(xp, a["h"], math, a["h_low"])
-    product = gemm.Matmul(xp, h, w, a["gh"], math)
+    return h, gemm.Matmul(xp, h, w, a["gh"], math)
+
+
+def step_forward(code, act, math, a):
+    """The forward sweep per step on the arrays `a` (forward_inputs + forward_buffers): per step the GEMM
+    gh = h @ W_hh.T and one fused pointwise launch. Allocates nothing, reads nothing on the host: capturable."""
+    T, B, H = a["hs"].shape[0] - 1, *a["h"].shape
+    h, product = start_forward(array_module(), math, a)
     args = (code, act, 0, *(device_view(a[k]) for k in ("xw", "gh", "b_hh", "b_ih", "lengths", "h", "c")),
             device_view(a["hs"][1:]), *(device_view(a[k]) for k in ("gates", "cs", "hns")))
     step = prepared(build(a["h"].dtype.type).step_forward, B * H, launch_stream(), args, 2)
@@ -307,7 +326,10 @@ def backward_buffers(cell, math, a):
                 dhg=xp.empty((B, H), dtype), g_low=low(xp, dgx[0], math), w_low=low(xp, a["w_hh"], math))
 
 
-def backward(ctx, dy, dstate_n):
+def backward(ctx, dy, dstate_n, dparams=None):
+    if not isinstance(ctx, SweepCtx):
+        from . import numba_variants
+        return numba_variants.backward(ctx, dy, dstate_n, dparams)
     xp = array_module()
     T, B, H = ctx.y.shape
     code = CELL_CODES[ctx.cell]

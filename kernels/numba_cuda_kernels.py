@@ -157,6 +157,27 @@ def build(dtype):
         return h_new if valid else h_prev
 
     @cuda.jit(device=True)
+    def gru_backward(t, b, j, H, dh, y, h0, gates, hns, dgx, dgh):
+        """The GRU's gate gradients of unit (b, j) at step t from dh = dL/dh~ into dgx, dgh (T, B, 3H); returns
+        dh z, what reaches h_{t-1} directly. y: (T, B, H) the states;  h0: (B, H);  hns: (T, B, H) gh_n + b_hn."""
+        r = gates[t, b, j]
+        z = gates[t, b, H + j]
+        n = gates[t, b, 2 * H + j]
+        h_prev = y[t - 1, b, j] if t > 0 else h0[b, j]
+        # h~ = (1 - z) n + z h_prev:  dn = dh (1 - z),  dz = dh (h_prev - n),  dh_prev gets dh z directly
+        dn = dh * (F(1) - z) * (F(1) - n * n)
+        dz = dh * (h_prev - n) * z * (F(1) - z)
+        # n = tanh(xn + r hn):  dr = dn_pre hn,  d(hn) = dn_pre r  (hn = h_prev W_hn^T + b_hn)
+        dr = dn * hns[t, b, j] * r * (F(1) - r)
+        dgx[t, b, j] = dr
+        dgx[t, b, H + j] = dz
+        dgx[t, b, 2 * H + j] = dn
+        dgh[t, b, j] = dr
+        dgh[t, b, H + j] = dz
+        dgh[t, b, 2 * H + j] = dn * r
+        return dh * z
+
+    @cuda.jit(device=True)
     def unit_backward(cell, act, t, b, j, valid, dh_in, dy, y, h0, gates, cs, c0, hns, dc, dgx, dgh):
         """Backward of step t for hidden unit (b, j); returns the part of dL/dh_{t-1} not routed through W_hh.
 
@@ -190,22 +211,7 @@ def build(dtype):
             dc[b, j] = dct * f
             return F(0)
         if cell == GRU:
-            r = gates[t, b, j]
-            z = gates[t, b, H + j]
-            n = gates[t, b, 2 * H + j]
-            h_prev = y[t - 1, b, j] if t > 0 else h0[b, j]
-            # h = (1 - z) n + z h_prev:  dn = dh (1 - z),  dz = dh (h_prev - n),  dh_prev gets dh z directly
-            dn = dh * (F(1) - z) * (F(1) - n * n)
-            dz = dh * (h_prev - n) * z * (F(1) - z)
-            # n = tanh(xn + r hn):  dr = dn_pre hn,  d(hn) = dn_pre r  (hn = h_prev W_hn^T + b_hn)
-            dr = dn * hns[t, b, j] * r * (F(1) - r)
-            dgx[t, b, j] = dr
-            dgx[t, b, H + j] = dz
-            dgx[t, b, 2 * H + j] = dn
-            dgh[t, b, j] = dr
-            dgh[t, b, H + j] = dz
-            dgh[t, b, 2 * H + j] = dn * r
-            return dh * z
+            return gru_backward(t, b, j, H, dh, y, h0, gates, hns, dgx, dgh)
         # h = act(p):  dp = dh act'(p), written from h = y[t]
         dgx[t, b, j] = activate_backward(act, dh, y[t, b, j])
         return F(0)
@@ -285,7 +291,8 @@ def build(dtype):
         if b < B:
             dph[t, b, j] = activate_backward(act, dhh[b, j], h[t, b, j])
 
-    return SimpleNamespace(activate=activate, activate_backward=activate_backward,
+    return SimpleNamespace(sigmoid=sigmoid, tanh=tanh, activate=activate, activate_backward=activate_backward,
+                           gru_backward=gru_backward,
                            inputs=inputs, unit_forward=unit_forward, unit_backward=unit_backward,
                            step_forward=step_forward, step_backward=step_backward,
                            jordan_hidden=jordan_hidden, jordan_output=jordan_output,

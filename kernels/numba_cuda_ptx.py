@@ -5,7 +5,8 @@
 prints one line per (target, dtype, kernel): `sm_90 float32 step_forward f64_ops=0 <the PTX .entry line>`
 (f64_ops: PTX instructions on float64, which a float32 kernel must not have), and exits 1 on the first
 compile error or when a kernel's PTX has no `.entry` naming it. The per-step kernels take the cell as an
-argument, so one compile per kernel and dtype covers every cell; the persistent kernels are built per cell
+argument, so one compile per kernel and dtype covers every cell (the variants' kernels, numba_variant_kernels, with
+every variant on); the persistent kernels are built per cell
 (`persistent_forward_lstm`, ..., `persistent_jordan_forward`). Needs NVVM and libdevice (a CUDA toolkit or NVIDIA's wheels).
 """
 import sys
@@ -16,13 +17,14 @@ from numba import cuda, float32, float64, int32, int64
 
 from .numba_cuda_kernels import CELL_CODES, build, float32_activations
 from .numba_persistent import build as build_persistent, build_jordan
+from .numba_variant_kernels import build as build_variants
 
 PERSISTENT_CELLS = {"elman": CELL_CODES["rnn_tanh"], "lstm": CELL_CODES["lstm"], "gru": CELL_CODES["gru"]}
 
 
 def signatures(F):
     """Kernel name -> argument types, as the host code launches them (C-contiguous arrays of dtype F)."""
-    a1, a2, a3, lens, i = F[::1], F[:, ::1], F[:, :, ::1], int32[::1], int64
+    a1, a2, a3, lens, keys, i = F[::1], F[:, ::1], F[:, :, ::1], int32[::1], int64[::1], int64
     return {
         "step_forward": (i, i, i, a3, a2, a1, a1, lens, a2, a2, a3, a3, a3, a3),
         "step_backward": (i, i, i, a2, a2, a3, a3, a2, a3, a3, a2, a3, lens, a2, a3, a3),
@@ -34,6 +36,12 @@ def signatures(F):
         "jordan_output": (i, i, a2, a1, lens, a3, a2),
         "jordan_output_backward": (i, i, a3, a3, lens, a2, a2, a3),
         "jordan_hidden_backward": (i, i, a2, a3, a3),
+        "row_forward": (i, i, i, F, F, i, keys, a3, a2, a1, a1, lens, a1, a1, a1, a1, a2, a2, a3, a3, a3, a3, a3, a3,
+                        a3, a3),
+        "row_backward": (i, i, i, keys, a2, a2, a3, a3, a2, a3, a3, a2, a3, lens, a2, a3, a3, a1, a1, a1, a1, a3, a3,
+                         a3, a2, a3),
+        "proj_forward": (i, F, i, keys, a2, lens, a2, a3),
+        "proj_backward": (i, keys, a2, a2, a3, lens, a3),
     }
 
 
@@ -48,7 +56,9 @@ def kernels(dtype):
     """Kernel name -> (dispatcher, argument types) for every kernel of `dtype`."""
     sigs = signatures(float32 if dtype == np.float32 else float64)
     step = build(dtype)
-    found = {name: (getattr(step, name), sig) for name, sig in sigs.items() if not name.startswith("persistent")}
+    variants = build_variants(dtype, True, True, True)       # every variant on: all of the kernels' code
+    found = {name: (getattr(step, name, None) or getattr(variants, name), sig) for name, sig in sigs.items()
+             if not name.startswith("persistent")}
     jordan = build_jordan(dtype)
     found["persistent_jordan_forward"] = (jordan.forward, sigs["persistent_jordan_forward"])
     found["persistent_jordan_backward"] = (jordan.backward, sigs["persistent_jordan_backward"])

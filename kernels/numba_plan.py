@@ -227,10 +227,17 @@ def choose(sweep, layout, device, t_persistent, t_step):
     return dataclasses.replace(layout, reason=why) if t_persistent() <= t_step() else Plan("step", reason=why)
 
 
-def plan(sweep, B, H, G, itemsize, device):
+def plan(sweep, B, H, G, itemsize, device, variants=()):
     """The Plan for a sweep of batch B, hidden size H, G gates, `itemsize`-byte floats on `device`.
 
-    sweep: "auto" (the cost model decides), "persistent" (ValueError when W_hh does not fit on chip) or "step"."""
+    sweep: "auto" (the cost model decides), "persistent" (ValueError when W_hh does not fit on chip) or "step".
+    variants: names of the sweep's variants ("ln", "zoneout", "w_hr"), which only the per-step sweep runs: "auto"
+    takes it, "persistent" is a ValueError naming them."""
+    if variants and sweep in SWEEPS and sweep != "step":
+        lacking = ", ".join(variants)
+        if sweep == "persistent":
+            raise ValueError(f"sweep='persistent' does not implement {lacking}; use sweep='step' or 'auto'")
+        return Plan("step", reason=f"the persistent sweep does not implement {lacking}")
     layout = persistent_layout(B, H, G, itemsize, device) if sweep in ("auto", "persistent") else ""
     if not isinstance(layout, str):
         layout = Plan("persistent", *layout)

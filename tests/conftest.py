@@ -7,6 +7,12 @@ _NO_GPU = "0" if shutil.which("nvidia-smi") else "1"
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", _NO_GPU)
 os.environ.setdefault("GPURNN_CUDA_HOST", _NO_GPU)
 
+import sys  # noqa: E402
+
+# The simulators run one Python thread per CUDA thread, and Numba's polls them while they wait at a barrier: with
+# CPython's default 5 ms GIL switch interval every barrier costs milliseconds of waiting for the poller to let go.
+sys.setswitchinterval(1e-4)
+
 import pytest  # noqa: E402
 
 from util import BACKENDS  # noqa: E402

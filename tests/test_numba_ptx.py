@@ -6,7 +6,7 @@ from kernel_report import TARGETS, kernel_report
 PERSISTENT = tuple(f"persistent_{d}_{c}" for d in ("forward", "backward") for c in ("elman", "lstm", "gru")) + \
     ("persistent_jordan_forward", "persistent_jordan_backward")
 KERNELS = ("step_forward", "step_backward", "jordan_hidden", "jordan_output", "jordan_output_backward",
-           "jordan_hidden_backward") + PERSISTENT
+           "jordan_hidden_backward", "row_forward", "row_backward", "proj_forward", "proj_backward") + PERSISTENT
 
 
 @pytest.mark.parametrize("target", TARGETS)
