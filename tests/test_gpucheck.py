@@ -161,4 +161,4 @@ def test_the_sanitizer_workload_launches_every_kernel(monkeypatch, launches):
     assert set(cupy_raw.kernel_names()) | {"f32_to_bf16"} <= cupy_ran
     assert set(launches) == {"step_forward", "step_backward", "jordan_hidden", "jordan_output",
                           "jordan_output_backward", "jordan_hidden_backward", "persistent_forward",
-                          "persistent_backward"}
+                          "persistent_backward", "row_forward", "row_backward", "proj_forward", "proj_backward"}

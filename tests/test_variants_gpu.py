@@ -13,14 +13,6 @@ GPU_BACKENDS = [b for b in KERNEL_BACKENDS if b != "numpy"]
 TOL = {"float32": (3e-4, 3e-5), "float64": (1e-9, 1e-11)}
 
 
-def skip_unless_implemented(layer, backend):
-    """Skips while the backend's kernels lack a variant the layer uses (their FEATURES say which)."""
-    try:
-        layer._check_backend(backend, backends.kernels(backend))
-    except ValueError as e:
-        pytest.skip(str(e))
-
-
 def outputs(layer, problem, training):
     """Everything a training step gives (layer_outputs), or an evaluation forward's y and final state."""
     if training:
@@ -42,7 +34,6 @@ def test_gpu_variants_match_the_reference(backend, name, dtype, num_layers, bidi
     kwargs = dict(num_layers=num_layers, bidirectional=bidirectional, seed=3, memory=memory, segment_steps=2)
     ref = make(name, dtype="float64", **kwargs)
     gpu = make(name, dtype=dtype, backend=backend, **kwargs).to(device_of(backend))
-    skip_unless_implemented(gpu, backend)
     problem = random_problem(ref, T=5, B=3, rng=np.random.default_rng(num_layers), ragged=ragged)
     cast = lambda a: None if a is None else tuple(map(cast, a)) if isinstance(a, tuple) else a.astype(dtype)  # noqa: E731
     want = outputs(ref, problem, training)
