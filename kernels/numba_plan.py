@@ -18,8 +18,8 @@ compiled with launch bounds (256 threads, 1 block), which lets ptxas use up to 2
 (sm_80: 160-220, sm_90: 90-130, from python -m gpurnn.kernels.sass); on sm_90 the float32 kernels would still fit
 2 blocks of 256 threads.
 
-Cost model, per step and direction (estimates from the device's datasheet class, NOT measurements; a GPU
-session replaces them with measured values, see docs/PERFORMANCE.md):
+Cost model, per step and direction (estimates from the device's datasheet class, NOT measurements; a run on a
+GPU replaces them with measured values, see docs/PERFORMANCE.md):
 - persistent: GRID_BARRIER_S + per pass (staging the tiles through L2 + a warp's items, each ceil(K/(32*splits))
   hot-loop iterations of R*4 FMAs at HOT_LOOP_INSTR_PER_FMA issue slots plus ITEM_OVERHEAD_CLOCKS for the
   shuffle reduction and the pointwise math; warps beyond the SM's 4 schedulers share them);
