@@ -426,6 +426,8 @@ def step_backward(cell, math, v, a):
     for a_name, w_name, suffix in SUMS[cell] if v.ln else ():
         _column_sums(sums, a[a_name], a[w_name], a["d_" + BIAS[suffix]], a["d_gamma_" + suffix])()
     if v.proj:
+        for operand in d_w_hr.operands:             # bf16: the copies of dhtil and m, converted now
+            operand.update()
         d_w_hr()
 
 

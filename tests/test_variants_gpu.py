@@ -45,3 +45,21 @@ def test_gpu_variants_match_the_reference(backend, name, dtype, num_layers, bidi
         assert got[key].dtype == np.dtype(dtype), key
         np.testing.assert_allclose(got[key], w, rtol=rtol, atol=atol * max(1.0, float(np.abs(w).max())),
                                    err_msg=key)
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="no GPU backend runs its kernels here")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("math", ["tf32", "bf16"])
+def test_gpu_variants_in_low_precision_stay_near_the_reference(backend, math):
+    """Every GEMM of the projection (forward, dL/dm and dW_hr) in the layer's math reads converted operands: the
+    results stay near the float64 reference (a bf16 copy never converted holds garbage, far off)."""
+    kwargs = dict(num_layers=1, bidirectional=True, seed=3, memory="checkpoint", segment_steps=2)
+    ref = make("lstm_proj", dtype="float64", **kwargs)
+    gpu = make("lstm_proj", dtype="float32", backend=backend, math=math, **kwargs).to(device_of(backend))
+    problem = random_problem(ref, T=5, B=3, rng=np.random.default_rng(4), ragged=True)
+    cast = lambda a: None if a is None else tuple(map(cast, a)) if isinstance(a, tuple) else a.astype("float32")  # noqa: E731
+    want = outputs(ref, problem, True)
+    got = outputs(gpu, (cast(problem[0]), cast(problem[1]), problem[2], cast(problem[3]), cast(problem[4])), True)
+    for key, w in want.items():
+        scale = max(1.0, float(np.abs(w).max()))
+        assert np.abs(got[key] - w).max() < 0.1 * scale, key
